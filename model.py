@@ -1,0 +1,761 @@
+"""A Llama-family transformer that loads Hugging Face checkpoints, samples with a KV cache, and scores
+per-token log-probs without ever building a (B, T, V) tensor.
+
+Read top to bottom:
+  1. ModelArgs    - the architecture, read from a Hugging Face config.json (llama, mistral, phi3, qwen2).
+  2. RoPE         - rotary tables in fp32, with llama3 / linear / longrope scaling.
+  3. Transformer  - RMSNorm, grouped-query attention, SwiGLU MLP; parameter names follow the HF checkpoint
+                    (minus the "model." prefix) so loading and saving are a name-for-name copy.
+  4. Scoring      - token_logprobs(): log p(token | prefix) on chosen spans, lm_head + fp32 logsumexp chunk by
+                    chunk, recomputed in backward. Policy, reference and reward scoring all go through it.
+  5. Sampling     - generate(): one prefill per prompt, its KV cache copied to the prompt's K samples, then
+                    batched decoding with per-row positions and masks derived from lengths.
+  6. Tokenizer    - `tokenizers` on tokenizer.json, BOS/EOS rules from tokenizer_config.json, chat template
+                    rendered with jinja2.
+  7. load / save  - local directory, hub id or alias; safetensors only (never unpickles); HF layout on save.
+
+RoPE convention: Hugging Face's "rotate_half" (the two halves of each head dimension form the pairs). HF
+checkpoints store q/k in exactly that layout, so no permutation is needed - and none is done.
+"""
+import glob
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ALIASES = {  # short names for the paper's models and CPU-sized ones
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
+    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
+    "phi-3.5-mini": "microsoft/Phi-3.5-mini-instruct",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+}
+SUPPORTED_TYPES = ("llama", "mistral", "phi3", "qwen2")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "longrope")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. ModelArgs
+
+@dataclass
+class ModelArgs:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    dim: int = 4096                 # hidden_size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    ffn_dim: int = 11008            # intermediate_size
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False          # qwen2 (and llama with attention_bias) has biases on q, k, v
+    o_bias: bool = False            # llama with attention_bias also biases o_proj
+    mlp_bias: bool = False
+    max_seq_len: int = 4096         # max_position_embeddings
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)   # {"rope_type": ..., factor, ...}; empty = plain RoPE
+    eos_token_ids: list = field(default_factory=list)  # every end-of-turn id (Llama 3.1 has three)
+
+    @classmethod
+    def from_hf_config(cls, cfg, source="config.json"):
+        """Reads a Hugging Face config.json dict. Fails with one line naming the field for anything we would
+        silently get wrong."""
+        mt = cfg.get("model_type")
+        if mt not in SUPPORTED_TYPES:
+            raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (expected 'silu')")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(cfg.get(key), int):
+                raise ValueError(f"{source}: field {key!r} must be an integer, got {cfg.get(key)!r}")
+        n_heads = cfg["num_attention_heads"]
+        max_pos = cfg.get("max_position_embeddings", 4096)
+        # A sliding window changes attention only for sequences longer than the window.
+        window = cfg.get("sliding_window")
+        if mt == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        if window is not None and window < max_pos:
+            raise ValueError(f"{source}: sliding_window={window} < max_position_embeddings={max_pos} is not "
+                             f"supported (only full attention; expected sliding_window null or >= {max_pos})")
+        rope_theta, scaling = _rope_config(cfg, source)
+        partial = cfg.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (expected 1.0)")
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=mt, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads, ffn_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=mt == "qwen2" or attention_bias, o_bias=mt != "qwen2" and attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)), max_seq_len=max_pos, rope_theta=rope_theta,
+            rope_scaling=scaling, eos_token_ids=_as_list(cfg.get("eos_token_id")),
+        )
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _rope_config(cfg, source):
+    """RoPE settings from either the classic keys (rope_theta, rope_scaling) or the newer rope_parameters."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    scaling.update(params)
+    theta = scaling.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+    kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if kind == "su":  # Phi-3's early name for longrope
+        kind = "longrope"
+    if kind not in SUPPORTED_ROPE:
+        raise ValueError(f"{source}: rope type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE)})")
+    if kind == "longrope":
+        scaling.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+        for key in ("short_factor", "long_factor", "original_max_position_embeddings"):
+            if scaling.get(key) is None:
+                raise ValueError(f"{source}: longrope scaling needs field {key!r}")
+    if kind == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if scaling.get(key) is None:
+                raise ValueError(f"{source}: llama3 rope scaling needs field {key!r}")
+    if kind == "linear" and scaling.get("factor") is None:
+        raise ValueError(f"{source}: linear rope scaling needs field 'factor'")
+    return float(theta), ({} if kind == "default" else {"rope_type": kind, **scaling})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. RoPE (tables always in fp32: bf16 angles lose precision at long positions)
+
+def rope_frequencies(args):
+    """Inverse frequencies (head_dim/2,) for short sequences, for long ones (longrope only, else None), and the
+    factor longrope multiplies cos/sin by. Computed exactly as transformers does, in fp32, for bitwise-close
+    parity at positions past 8192."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    kind = s.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / s["factor"], None, 1.0
+    if kind == "llama3":  # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between
+        factor, lo, hi, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > orig / lo, inv_freq / factor, inv_freq)
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < orig / hi) & ~(wavelen > orig / lo)
+        return torch.where(medium, blended, scaled), None, 1.0
+    if kind == "longrope":  # Phi-3.5: per-frequency factors, one set for short and one for long sequences
+        orig = s["original_max_position_embeddings"]
+        factor = s.get("factor") or args.max_seq_len / orig
+        attn = s.get("attention_factor")
+        if attn is None:
+            attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        base = args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+        short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * base)
+        long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * base)
+        return short, long, attn
+    return inv_freq, None, 1.0
+
+
+class RoPE(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.reset()
+
+    def reset(self, device=None):
+        """(Re)builds the frequency tables; called after a meta-device build, when buffers hold no data."""
+        short, long, self.attention_factor = rope_frequencies(self.args)
+        self.register_buffer("inv_freq", short.to(device), persistent=False)
+        self.register_buffer("inv_freq_long", None if long is None else long.to(device), persistent=False)
+
+    def forward(self, positions):
+        """positions (B, T) long -> cos, sin (B, T, head_dim) fp32."""
+        inv_freq = self.inv_freq
+        if self.inv_freq_long is not None:
+            # longrope switches to the long factors once the sequence outgrows the original context; like
+            # transformers, the choice is made per call from the largest position (no host sync).
+            orig = self.args.rope_scaling["original_max_position_embeddings"]
+            inv_freq = torch.where(positions.max() + 1 > orig, self.inv_freq_long, self.inv_freq)
+        angles = positions[..., None].float() * inv_freq          # (B, T, head_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)                # (B, T, head_dim)
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, D); rotates pairs (i, i + D/2) in fp32, returns x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Transformer
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)  # normalise in fp32, scale in the model dtype (as HF does)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+
+    def forward(self, x, cos, sin, cache=None, positions=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:  # plain causal forward over the whole (right-padded) sequence
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            # Write this step's keys/values at each row's own positions, then attend to every cached key at or
+            # before the query's position. The mask comes from positions, never from token values.
+            k, v = cache.write(positions, k, v)                                          # (B, Hkv, S, D)
+            mask = torch.arange(k.shape[2], device=x.device) <= positions[:, :, None]    # (B, T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, cache=None, positions=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args, config=None):
+        super().__init__()
+        self.args = args
+        self.config = config or {}  # the raw config.json, written back unchanged on save
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied models (SmolLM2, Llama 3.2) reuse the embedding as the output layer: no second parameter to tie.
+        self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope = RoPE(args)
+        self.checkpoint_layers = False  # activation checkpointing per block (train.py's flag)
+
+    def output_weight(self):
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, tokens, positions=None, caches=None):
+        """tokens (B, T) -> final-normed hidden states (B, T, dim). With `caches` (a KVCache), keys and values are
+        written at `positions` (B, T) and attention covers the cache; without, a plain causal forward."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        elif positions.dim() == 1:
+            positions = positions.expand(B, T)
+        cos, sin = self.rope(positions)
+        x = self.embed_tokens(tokens)                                                    # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            cache = None if caches is None else caches.layer(i)
+            if self.checkpoint_layers and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, positions)
+        return self.norm(x)
+
+    def forward(self, tokens, positions=None, targets=None, target_mask=None, temperature=1.0):
+        """Without targets: logits (B, T, V). With targets (B, T) and target_mask (B, T) bool: the fp32 log-prob of
+        targets[b, t] under the logits at position t, where target_mask is set, else 0 - computed chunk by chunk,
+        never as (B, T, V). Scoring lives in forward() so that DDP and FSDP hooks see it."""
+        h = self.hidden_states(tokens, positions)
+        if targets is None:
+            return F.linear(h, self.output_weight())
+        lp = fused_logprobs(h[target_mask], self.output_weight(), targets[target_mask], temperature)   # (N,)
+        return torch.zeros(target_mask.shape, device=h.device, dtype=torch.float32).masked_scatter(target_mask, lp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Scoring: log p(target) = logit[target]/T - logsumexp(logits/T), chunk by chunk
+
+class FusedLogProbs(torch.autograd.Function):
+    """lm_head + fp32 log-softmax + gather for N rows, `chunk` rows at a time. Only (chunk, V) logits exist at
+    once; backward recomputes them instead of saving them. d logp / d logits = (onehot - softmax) / T."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, chunk):
+        out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk):
+            logits = F.linear(h[i:i + chunk], weight).float() / temperature              # (c, V) fp32
+            out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None])[:, 0] - logits.logsumexp(-1)
+        ctx.save_for_backward(h, weight, targets)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, targets = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for i in range(0, h.shape[0], chunk):
+            hc, g = h[i:i + chunk], grad[i:i + chunk]
+            logits = F.linear(hc, weight).float() / T                                   # (c, V) recomputed
+            dlogits = -logits.softmax(-1) * g[:, None]
+            dlogits.scatter_add_(1, targets[i:i + chunk, None], g[:, None])
+            dlogits = (dlogits / T).to(h.dtype)
+            if grad_h is not None:
+                grad_h[i:i + chunk] = dlogits @ weight                                  # (c, dim)
+            if grad_w is not None:
+                grad_w += (dlogits.t() @ hc).float()                                    # (V, dim), fp32 accumulation
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def fused_logprobs(h, weight, targets, temperature=1.0, chunk=None):
+    """h (N, dim), weight (V, dim), targets (N,) -> (N,) fp32 log-probs. The chunk keeps each logits block near
+    64M floats (256 MB), whatever the vocabulary."""
+    chunk = chunk or max(16, (1 << 26) // weight.shape[0])
+    return FusedLogProbs.apply(h, weight, targets, float(temperature), chunk)
+
+
+def token_logprobs(model, tokens, starts, ends, temperature=1.0):
+    """Per-token log-probs of chosen spans - the one scoring function for policy, reference and reward.
+
+    tokens (B, T) long, right-padded (padding after a row's end is never read: attention is causal).
+    starts, ends (B,) long: score positions starts[b] <= t < ends[b] (starts >= 1: token 0 has no prefix).
+    Returns (B, T) fp32 with out[b, t] = log softmax(logits[b, t-1] / temperature)[tokens[b, t]] inside the span and
+    0 outside, so out.sum(1) is the span's log-likelihood. Differentiable; `model` may be wrapped in DDP/FSDP.
+    """
+    B, T = tokens.shape
+    starts, ends = torch.as_tensor(starts, device=tokens.device), torch.as_tensor(ends, device=tokens.device)
+    if (starts < 1).any() or (ends > T).any():
+        raise ValueError("token_logprobs: spans must satisfy 1 <= start and end <= tokens.shape[1]")
+    t = torch.arange(1, T, device=tokens.device)
+    mask = (t >= starts[:, None]) & (t < ends[:, None])                  # (B, T-1): predicted by position t-1
+    lp = model(tokens[:, :-1], targets=tokens[:, 1:], target_mask=mask, temperature=temperature)   # (B, T-1)
+    return F.pad(lp, (1, 0))                                              # (B, T)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Sampling with a KV cache
+
+class KVCache:
+    """Preallocated keys/values (B, Hkv, S, D) per layer; each row writes at its own positions."""
+
+    def __init__(self, args, batch, max_len, device, dtype):
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.length = max_len  # attention reads slots [0, length); generate() narrows it to the longest row
+
+    def layer(self, i):
+        return _LayerCache(self, i)
+
+
+class _LayerCache:
+    def __init__(self, cache, i):
+        self.cache, self.i = cache, i
+
+    def write(self, positions, k, v):
+        """positions (B, T); k, v (B, Hkv, T, D). Returns this layer's keys/values up to cache.length."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        ck, cv = self.cache.k[self.i], self.cache.v[self.i]
+        ck[rows, :, positions] = k.transpose(1, 2)  # advanced indexing puts (B, T) first: (B, T, Hkv, D)
+        cv[rows, :, positions] = v.transpose(1, 2)
+        n = self.cache.length
+        return ck[:, :, :n], cv[:, :, :n]
+
+
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, V) fp32 -> next tokens (B,). Temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p (>= 1 token)
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop=None, num_samples=1,
+             seed=None, tokenizer=None):
+    """Samples continuations for a batch of prompts of different lengths.
+
+    prompts: list[list[int]]. Returns list[list[int]] of new tokens, len(prompts) * num_samples rows, the samples
+    of one prompt adjacent. stop: None = the model's end-of-turn ids; else a list of token ids and/or strings
+    (strings need `tokenizer`; they may span token boundaries). A row ends with the token that completes its stop,
+    or after max_new_tokens. seed makes sampling reproducible; temperature 0 is greedy.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    stop = list(model.args.eos_token_ids) if stop is None else list(stop)
+    stop_ids = {s for s in stop if isinstance(s, int)}
+    stop_strs = [s for s in stop if isinstance(s, str)]
+    if stop_strs and tokenizer is None:
+        raise ValueError("generate: stop strings need tokenizer=")
+    window = max((len(s) for s in stop_strs), default=0) + 8  # tokens to decode when checking stop strings
+    device = model.embed_tokens.weight.device
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+
+    P, K = len(prompts), num_samples
+    B = P * K
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    max_prompt = int(lengths.max())
+    caches = KVCache(model.args, B, max_prompt + max_new_tokens, device, model.embed_tokens.weight.dtype)
+
+    # Prefill each prompt once (right-padded; padding sits after the prompt and is masked by position), then copy
+    # its cache into its K sample rows: the RL case samples 16 rationales of one question.
+    padded = torch.zeros(P, max_prompt, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        padded[i, :len(p)] = torch.tensor(p, device=device)
+    prefill = KVCache(model.args, P, max_prompt, device, caches.k[0].dtype)
+    positions = torch.arange(max_prompt, device=device).expand(P, max_prompt)
+    h = model.hidden_states(padded, positions, prefill)                                   # (P, T, dim)
+    last = h[torch.arange(P, device=device), lengths - 1]                                 # (P, dim)
+    logits = F.linear(last, model.output_weight()).float().repeat_interleave(K, 0)        # (B, V)
+    for i in range(model.args.n_layers):
+        caches.k[i][:, :, :max_prompt] = prefill.k[i].repeat_interleave(K, 0)
+        caches.v[i][:, :, :max_prompt] = prefill.v[i].repeat_interleave(K, 0)
+    del prefill, h
+
+    pos = lengths.repeat_interleave(K)        # (B,) where each row's next token goes
+    out = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        tokens = sample_next(logits, temperature, top_k, top_p, generator)                 # (B,)
+        for b, t in enumerate(tokens.tolist()):
+            if done[b]:
+                continue
+            out[b].append(t)
+            if t in stop_ids or (stop_strs and any(s in tokenizer.decode(out[b][-window:]) for s in stop_strs)):
+                done[b] = True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        caches.length = int(pos.max()) + 1  # attend only to slots some row has filled
+        h = model.hidden_states(tokens[:, None], pos[:, None], caches)                    # (B, 1, dim)
+        logits = F.linear(h[:, 0], model.output_weight()).float()                         # (B, V)
+        pos = pos + 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Tokenizer
+
+def _token_text(tok):
+    return tok.get("content") if isinstance(tok, dict) else tok  # special tokens may be serialised AddedTokens
+
+
+class Tokenizer:
+    """tokenizers' Tokenizer plus the Hugging Face rules around it: BOS/EOS from tokenizer_config.json and the
+    model's chat template rendered with jinja2."""
+
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "generation_config.json")
+
+    def __init__(self, directory):
+        from tokenizers import Tokenizer as _Tk
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing (expected a Hugging Face fast tokenizer file)")
+        try:
+            self.tk = _Tk.from_file(path)
+        except Exception as e:
+            raise ValueError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+        self.directory = directory
+        cfg = _read_json(os.path.join(directory, "tokenizer_config.json"), default={})
+        special = _read_json(os.path.join(directory, "special_tokens_map.json"), default={})
+        self.special = {k: _token_text(cfg.get(k) or special.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.bos_id = self.token_to_id(self.special["bos_token"])
+        self.pad_id = self.token_to_id(self.special["pad_token"])
+        eos = self.token_to_id(self.special["eos_token"])
+        self.eos_ids = [] if eos is None else [eos]
+        gen = _read_json(os.path.join(directory, "generation_config.json"), default={})
+        for i in _as_list(gen.get("eos_token_id")):
+            if i not in self.eos_ids:
+                self.eos_ids.append(i)
+        # BOS: tokenizer_config's add_bos_token wins; otherwise whatever tokenizer.json's post-processor does.
+        with_special = self.tk.encode("a", add_special_tokens=True).ids
+        post_processor_adds_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] and \
+            self.tk.encode("a", add_special_tokens=False).ids[:1] != [self.bos_id]
+        self.add_bos = cfg.get("add_bos_token", post_processor_adds_bos)
+        self.add_eos = cfg.get("add_eos_token", False)
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # several named templates: use the default one
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        jinja_path = os.path.join(directory, "chat_template.jinja")
+        if template is None and os.path.isfile(jinja_path):
+            template = open(jinja_path).read()
+        self.chat_template = template
+
+    @property
+    def vocab_size(self):
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, text):
+        return None if text is None else self.tk.token_to_id(text)
+
+    def encode(self, text, add_special_tokens=True):
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids  # never a second BOS when a chat template already wrote one
+        if add_special_tokens and self.add_eos and self.eos_ids:
+            ids = ids + [self.eos_ids[0]]
+        return ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+        if self.chat_template is None:
+            raise ValueError(f"{self.directory}: no chat_template in tokenizer_config.json or chat_template.jinja")
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in self.special.items() if v is not None}, **kwargs)
+
+
+def _compile_template(source):
+    # Same environment as transformers renders with, so templates written for it render identically.
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from datetime import datetime
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Loading and saving (safetensors only; nothing is ever unpickled)
+
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja", "*.safetensors", "model.safetensors.index.json"]
+
+
+def _read_json(path, default=None):
+    if not os.path.isfile(path):
+        if default is not None:
+            return default
+        raise FileNotFoundError(f"{path}: missing (expected a Hugging Face model directory)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def resolve(name_or_path):
+    """A local directory, an alias from ALIASES, or a hub id -> a local directory. Hub downloads are limited to
+    config, tokenizer and safetensors files; HF_TOKEN is used for gated repos; the cache works offline."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    repo = ALIASES.get(name_or_path, name_or_path)
+    if name_or_path.startswith((".", "/", "~")) or os.path.exists(os.path.dirname(repo) or "/nonexistent"):
+        raise FileNotFoundError(f"{name_or_path}: no such model directory")
+    if repo.count("/") != 1:
+        raise ValueError(f"model {name_or_path!r}: not a local directory, not an alias "
+                         f"({', '.join(ALIASES)}), and not a hub id like 'org/name'")
+    from huggingface_hub import snapshot_download
+    token = os.environ.get("HF_TOKEN")
+    try:
+        return snapshot_download(repo, allow_patterns=HUB_FILES, token=token)
+    except Exception as online_error:
+        try:  # no network: the local cache may still have it
+            return snapshot_download(repo, allow_patterns=HUB_FILES, token=token, local_files_only=True)
+        except Exception:
+            reason = (str(online_error).splitlines() or [type(online_error).__name__])[0]
+            raise ValueError(f"model {name_or_path!r}: could not fetch {repo} from the Hugging Face hub and it is "
+                             f"not in the local cache ({type(online_error).__name__}: {reason})") from None
+
+
+def _checkpoint_files(directory):
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected a 'weight_map' object")
+        return sorted({os.path.join(directory, f) for f in weight_map.values()})
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if found:
+        return found
+    raise FileNotFoundError(f"{single}: missing (expected model.safetensors or model.safetensors.index.json; "
+                            f".bin/.pth checkpoints are not loaded because they would be unpickled)")
+
+
+def _hf_to_ours(name, tensor, args):
+    """One checkpoint tensor -> [(our parameter name, tensor)]; Phi-3's fused projections are split here."""
+    name = name[len("model."):] if name.startswith("model.") else name
+    if name.endswith("self_attn.qkv_proj.weight"):
+        q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        prefix = name[:-len("qkv_proj.weight")]
+        return [(prefix + "q_proj.weight", tensor[:q]), (prefix + "k_proj.weight", tensor[q:q + kv]),
+                (prefix + "v_proj.weight", tensor[q + kv:])]
+    if name.endswith("mlp.gate_up_proj.weight"):
+        gate, up = tensor.chunk(2, dim=0)  # Phi-3 stores [gate; up]
+        prefix = name[:-len("gate_up_proj.weight")]
+        return [(prefix + "gate_proj.weight", gate), (prefix + "up_proj.weight", up)]
+    return [(name, tensor)]
+
+
+def _ours_to_hf(state, args):
+    """Our state dict -> checkpoint names (re-fusing Phi-3's projections so transformers and vLLM load it)."""
+    out = {}
+    for name, t in state.items():
+        if args.model_type == "phi3" and name.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
+            continue
+        if args.model_type == "phi3" and name.endswith("q_proj.weight"):
+            p = name[:-len("q_proj.weight")]
+            name, t = p + "qkv_proj.weight", torch.cat([t, state[p + "k_proj.weight"], state[p + "v_proj.weight"]])
+        elif args.model_type == "phi3" and name.endswith("gate_proj.weight"):
+            p = name[:-len("gate_proj.weight")]
+            name, t = p + "gate_up_proj.weight", torch.cat([t, state[p + "up_proj.weight"]])
+        out[name if name.startswith("lm_head") else "model." + name] = t.contiguous()
+    return out
+
+
+def load_state(directory, model, device, dtype):
+    """Reads every safetensors file into `model`'s parameter names, strictly: missing or unexpected keys and
+    wrong shapes are errors naming the file."""
+    from safetensors import safe_open
+    expected = {k: v for k, v in model.state_dict().items()}
+    state, source = {}, {}
+    for path in _checkpoint_files(directory):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing (listed in model.safetensors.index.json)")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if "rotary_emb.inv_freq" in key:  # old checkpoints stored the RoPE table; we recompute it
+                        continue
+                    for name, t in _hf_to_ours(key, f.get_tensor(key), model.args):
+                        if name == "lm_head.weight" and model.args.tie_embeddings:
+                            continue  # some tied checkpoints also store the copy
+                        if name not in expected:
+                            raise ValueError(f"{path}: unexpected tensor {key!r} for a {model.args.model_type} "
+                                             f"model with this config.json")
+                        if tuple(t.shape) != tuple(expected[name].shape):
+                            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected "
+                                             f"{tuple(expected[name].shape)} from config.json")
+                        state[name], source[name] = t.to(dtype), path
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            msg = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{path}: not a readable safetensors file ({msg})") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load(name_or_path, device=None, dtype=None):
+    """Loads a model and its tokenizer from a local HF directory, a hub id, or an alias in ALIASES.
+    dtype defaults to bfloat16 on GPU and float32 on CPU. Returns (model in eval mode, tokenizer)."""
+    directory = resolve(name_or_path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config_path = os.path.join(directory, "config.json")
+    config = _read_json(config_path)
+    args = ModelArgs.from_hf_config(config, config_path)
+    tokenizer = Tokenizer(directory)
+    for i in tokenizer.eos_ids:  # end-of-turn ids from every file that lists them
+        if i not in args.eos_token_ids:
+            args.eos_token_ids.append(i)
+    with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned: never two copies
+        model = Transformer(args, config)
+    load_state(directory, model, device, dtype)
+    model.rope.reset(device)
+    return model.eval(), tokenizer
+
+
+def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
+    """Writes the Hugging Face layout (config.json, safetensors shards + index, tokenizer files) so transformers and
+    vLLM load the result unchanged. Atomic: files go to a temporary directory that replaces out_dir at the end.
+    state_dict: a full state dict to write instead of model.state_dict() (FSDP gathers one)."""
+    from safetensors.torch import save_file
+    state = _ours_to_hf(state_dict if state_dict is not None else model.state_dict(), model.args)
+    dtype = next(iter(state.values())).dtype
+    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t.detach().cpu(), size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config = dict(model.config)
+    config["torch_dtype"] = str(dtype).replace("torch.", "")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in Tokenizer.FILES:
+        src = os.path.join(tokenizer.directory, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(tmp, name))
+    old = f"{out_dir.rstrip('/')}.old-{os.getpid()}"
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
