@@ -398,8 +398,10 @@ class _LayerCache:
         return ck[:, :, :n], cv[:, :, :n]
 
 
-def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
-    """logits (B, V) fp32 -> next tokens (B,). Temperature 0 is greedy."""
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generators=None):
+    """logits (B, V) fp32 -> next tokens (B,). Temperature 0 is greedy. generators: None (torch's global RNG) or
+    one torch.Generator per group of B // len(generators) consecutive rows, so a prompt's samples depend on its
+    own seed only, never on which other prompts share the batch (1 process == N processes)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -411,7 +413,11 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p (>= 1 token)
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    probs = logits.softmax(-1)
+    if generators is None:
+        return torch.multinomial(probs, 1)[:, 0]
+    groups = probs.chunk(len(generators))
+    return torch.cat([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(groups, generators)])
 
 
 @torch.no_grad()
@@ -422,7 +428,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     prompts: list[list[int]]. Returns list[list[int]] of new tokens, len(prompts) * num_samples rows, the samples
     of one prompt adjacent. stop: None = the model's end-of-turn ids; else a list of token ids and/or strings
     (strings need `tokenizer`; they may span token boundaries). A row ends with the token that completes its stop,
-    or after max_new_tokens. seed makes sampling reproducible; temperature 0 is greedy.
+    or after max_new_tokens. Temperature 0 is greedy. seed: an int, or one int per prompt; a prompt's samples depend
+    only on its seed, not on the rest of the batch.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -433,9 +440,14 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
         raise ValueError("generate: stop strings need tokenizer=")
     window = max((len(s) for s in stop_strs), default=0) + 8  # tokens to decode when checking stop strings
     device = model.embed_tokens.weight.device
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-
     P, K = len(prompts), num_samples
+    if seed is not None:
+        seeds = [seed + i for i in range(P)] if isinstance(seed, int) else list(seed)
+        if len(seeds) != P:
+            raise ValueError(f"generate: got {len(seeds)} seeds for {P} prompts")
+        generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    else:
+        generators = None
     B = P * K
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     max_prompt = int(lengths.max())
@@ -460,7 +472,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     out = [[] for _ in range(B)]
     done = [False] * B
     for step in range(max_new_tokens):
-        tokens = sample_next(logits, temperature, top_k, top_p, generator)                 # (B,)
+        tokens = sample_next(logits, temperature, top_k, top_p, generators)                 # (B,)
         for b, t in enumerate(tokens.tolist()):
             if done[b]:
                 continue
@@ -539,6 +551,18 @@ class Tokenizer:
         if add_special_tokens and self.add_eos and self.eos_ids:
             ids = ids + [self.eos_ids[0]]
         return ids
+
+    @property
+    def eot_id(self):
+        """The token that closes an assistant turn (the answer template ends with it). Read off the chat template,
+        since tokenizer_config's eos_token is not always it (Phi-3.5: eos <|endoftext|>, turn end <|end|>)."""
+        if self.chat_template is not None:
+            text = self.apply_chat_template([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+                                            add_generation_prompt=False)
+            for i in self.encode(text[text.rindex("A") + 1:], add_special_tokens=False):
+                if i in self.eos_ids:
+                    return i
+        return self.eos_ids[0] if self.eos_ids else None
 
     def decode(self, ids, skip_special_tokens=False):
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)

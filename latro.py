@@ -1,0 +1,241 @@
+r"""LaTRO: LaTent Reasoning Optimization (Chen et al. 2024, "Language Models are Hidden Reasoners", arXiv 2411.04282).
+
+The objective
+-------------
+A question x (the chat prompt with "Let's think step by step."), its gold answer y (the template
+"The answer is 18." plus the end-of-turn token), and a rationale z treated as a latent variable. Jensen's inequality
+bounds the answer's marginal likelihood by an ELBO whose "reasoner" q is the policy itself (paper Eq. 2-3):
+
+    log pi(y|x) >= J(theta) = E_{z ~ pi(.|x)} [ log pi(y | x + z) ] - beta * KL[ pi(z|x) || pi_ref(z|x) ]
+
+pi_ref is the frozen initial model. The model rewards itself with R(z) = log pi(y | x + z): no reward model, no
+answer checking. Differentiating J (paper Prop. 2, Eq. 4) and using one sample's log-ratio as the KL estimate,
+
+    r(z_k)  = R(z_k) - beta * (log pi(z_k|x) - log pi_ref(z_k|x))             adjusted reward
+    A_k     = r(z_k) - 1/(K-1) * sum_{j != k} r(z_j)                          RLOO advantage (leave-one-out)
+    grad J ~= 1/(NK) sum_{i,k} [ A_k grad log pi(z_k|x)  +  grad log pi(y | x + z_k) ]
+
+so the loss minimised here, with A held constant, is
+
+    L = -mean_{i,k}[ A_k * log pi(z_k|x) ]  +  alpha * -mean_{i,k}[ log pi(y | x + z_k) ]
+        (policy-gradient term:                (answer-likelihood term: the model learns
+         trains the reasoner)                   to judge its own reasoning)
+
+The paper's gradient has alpha = 1, the default here; the official code's `sft_penalty` defaults to 0 (see below).
+log-probabilities of z and y are sums over their tokens, not per-token means.
+
+Rationales are cut at the first stop: an answer-template string such as "The answer is", an end-of-turn id, or the
+length limit L. A rationale that hit the limit without stopping gets the official code's penalised reward
+R := gamma * mean(R over the batch) (gamma = 2; R <= 0, so twice the batch's mean log-likelihood), before the KL.
+
+Simplifications and choices versus the paper and its official code (SalesforceAIResearch/LaTRO):
+  * alpha (answer-likelihood weight) defaults to 1 as in Eq. 4; the code's default is 0. Set answer_weight=0 for it.
+  * R scores exactly the answer tokens y. The code's reward also includes the last rationale token (an off-by-one).
+  * Stop strings are matched on decoded text, so a stop string split across tokens is still found; the code
+    matched isolated token-id patterns. The cut keeps whole sampled tokens that end before the string starts.
+  * Sampling stops at the first stop instead of always generating L tokens (same result, less compute).
+  * The non-stop penalty's batch mean is over the global batch (all ranks), so N processes equal one process;
+    the code used each GPU's local batch.
+  * The rationale is scored at the sampling temperature (the distribution it was drawn from); the reward
+    log pi(y|x+z) is the model's likelihood at temperature 1. Both are 1 by default, as in the paper.
+  * One optimiser step per sampled batch, fully on-policy: no PPO ratio or clipping, no advantage whitening.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from model import generate, token_logprobs
+
+# The official code's stop list, minus its function-calling leftovers. Matching on decoded text makes its
+# " "/"\n"-prefixed variants redundant ("The answer is" already matches them), and " the answer is" covers
+# "So, the answer is" and "Therefore, the answer is".
+STOP_STRINGS = ("The answer is", " the answer is", "the final answer is", "Answer:")
+
+
+@dataclass
+class LatroConfig:
+    num_samples: int = 16              # K rationales per question
+    beta: float = 0.05                 # KL coefficient (paper: 0.05 GSM8K, 0.25 ARC-Challenge)
+    answer_weight: float = 1.0         # alpha on -log pi(y|x,z); paper Eq. 4 = 1, official code = 0
+    max_rationale_tokens: int = 500    # L
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    nonstop_penalty: bool = True
+    penalty_factor: float = 2.0        # gamma
+    stop_strings: tuple = STOP_STRINGS
+    micro_batch_size: int = 4          # sequences per scoring forward / backward
+
+
+@dataclass
+class Rollout:
+    """K sampled rationales per question, laid out as right-padded rows [prompt | z | y] with spans from lengths."""
+    tokens: torch.Tensor         # (N, T) long, N = questions * K, a question's samples adjacent
+    prompt_end: torch.Tensor     # (N,) z starts here
+    rationale_end: torch.Tensor  # (N,) y starts here
+    answer_end: torch.Tensor     # (N,) row length
+    stopped: torch.Tensor        # (N,) bool: the rationale ended at a stop string or end-of-turn
+    advantages: torch.Tensor     # (N,) fp32, RLOO
+    rationales: list             # decoded z, for logging and answer checks
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 2: cutting a sampled continuation into the rationale z
+
+def cut_rationale(tokens, tokenizer, stop_strings, eos_ids):
+    """tokens: a sampled continuation -> (z tokens, stopped). z ends before the first end-of-turn id or before the
+    first stop string, whichever comes first; a string may start mid-token, in which case that token is dropped
+    too (z keeps only whole sampled tokens, so log pi(z|x) is the probability of what was sampled)."""
+    eos = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    z = tokens if eos is None else tokens[:eos]
+    text = tokenizer.decode(z)
+    hits = [text.find(s) for s in stop_strings if s in text]
+    if not hits:
+        return list(z), eos is not None
+    cut = min(hits)
+    lo, hi = 0, len(z)  # the longest prefix of z whose text ends at or before `cut` (decoding is monotone)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.decode(z[:mid])) <= cut:
+            lo = mid
+        else:
+            hi = mid - 1
+    return list(z[:lo]), True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps 4-5: penalty, adjusted reward, RLOO advantage (pure tensor functions, tested by hand)
+
+def penalised_reward(reward, stopped, penalty_factor):
+    """Non-stop penalty of the official code: R := gamma * mean(R) for rationales that never stopped. The mean is
+    over the whole (global) batch."""
+    total, count = reward.sum(), torch.tensor(float(reward.numel()), device=reward.device)
+    if dist.is_initialized():
+        stats = torch.stack([total, count])
+        dist.all_reduce(stats)
+        total, count = stats[0], stats[1]
+    return torch.where(stopped, reward, penalty_factor * total / count)
+
+
+def adjusted_reward(reward, logp, logp_ref, beta):
+    """r = R - beta * (log pi(z|x) - log pi_ref(z|x)): the self-reward minus the one-sample KL estimate."""
+    return reward - beta * (logp - logp_ref)
+
+
+def rloo_advantages(r, k):
+    """A_k = r_k - mean of the other K-1 rewards of the same question. r (N,) with each question's K adjacent."""
+    g = r.view(-1, k)                                                           # (questions, K)
+    baseline = (g.sum(1, keepdim=True) - g) / (k - 1)
+    return (g - baseline).view(-1)
+
+
+def latro_loss(logp, logp_answer, advantages, answer_weight, n):
+    """The two terms of L, as sums over these rows divided by the batch's row count n (so micro-batches add up to
+    the batch mean): -A * log pi(z|x) and alpha * -log pi(y|x,z)."""
+    pg = -(advantages.detach() * logp).sum() / n          # policy-gradient term (trains the reasoner)
+    answer = -logp_answer.sum() / n                       # answer-likelihood term (trains the evaluator)
+    return pg + answer_weight * answer, pg.detach(), answer.detach()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 3: scoring spans with the one fused scoring function
+
+def span_logprobs(model, tokens, prompt_end, rationale_end, answer_end, temperature):
+    """-> (log pi(z|x), log pi(y|x,z)), each (n,) fp32 sums. One forward when temperature == 1: the same pass over
+    [x | z | y] scores both spans. z is scored at the sampling temperature, y at the model's own (1)."""
+    lp = token_logprobs(model, tokens, prompt_end, answer_end, temperature)             # (n, T)
+    t = torch.arange(tokens.shape[1], device=tokens.device)
+    in_z = t < rationale_end[:, None]
+    logp = (lp * in_z).sum(1)
+    if temperature == 1.0:
+        logp_answer = (lp * ~in_z).sum(1)
+    else:
+        logp_answer = token_logprobs(model, tokens, rationale_end, answer_end, 1.0).sum(1)
+    return logp, logp_answer
+
+
+def micro_batches(rollout, size):
+    """Slices of rows, each trimmed to its longest row (right padding past that is never read)."""
+    for i in range(0, rollout.tokens.shape[0], size):
+        end = rollout.answer_end[i:i + size]
+        yield (rollout.tokens[i:i + size, :int(end.max())], rollout.prompt_end[i:i + size],
+               rollout.rationale_end[i:i + size], end, slice(i, i + size))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps 1-5: sample, cut, score, penalise, advantage
+
+@torch.no_grad()
+def rollout(policy, reference, tokenizer, prompts, answers, cfg, seeds=None, sampler=None):
+    """Samples K rationales per question and computes everything the loss needs that carries no gradient.
+
+    prompts: list of token lists (chat-templated questions x); answers: the answer-template texts
+    ("The answer is 18."). seeds: one per question (sampling then depends only on the question's own seed).
+    sampler: the module to sample with (e.g. a bf16 copy of an FSDP policy); defaults to `policy`.
+    Returns (Rollout, metrics dict)."""
+    K, device = cfg.num_samples, policy_device(policy)
+    eos = set(tokenizer.eos_ids)
+    samples = generate(sampler or policy, prompts, cfg.max_rationale_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+                       stop=sorted(eos) + list(cfg.stop_strings), num_samples=K, seed=seeds, tokenizer=tokenizer)
+    # y = the answer template + end-of-turn, tokenised on its own and appended after the cut rationale
+    answer_ids = [tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eot_id] for a in answers]
+    rows, spans, stopped, texts = [], [], [], []
+    for i, sample in enumerate(samples):
+        z, s = cut_rationale(sample, tokenizer, cfg.stop_strings, eos)
+        x, y = prompts[i // K], answer_ids[i // K]
+        rows.append(x + z + y)
+        spans.append((len(x), len(x) + len(z), len(x) + len(z) + len(y)))
+        stopped.append(s)
+        texts.append(tokenizer.decode(z))
+    T = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), T, dtype=torch.long, device=device)   # pad value is never read: spans mask
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r, device=device)
+    prompt_end, rationale_end, answer_end = torch.tensor(spans, device=device).unbind(1)
+    stopped = torch.tensor(stopped, device=device)
+    ro = Rollout(tokens, prompt_end, rationale_end, answer_end, stopped, None, texts)
+
+    logp, reward, logp_ref = (torch.zeros(len(rows), device=device) for _ in range(3))
+    for toks, p, r, a, sl in micro_batches(ro, cfg.micro_batch_size):
+        logp[sl], reward[sl] = span_logprobs(policy, toks, p, r, a, cfg.temperature)    # log pi(z|x), R = log pi(y|x,z)
+        logp_ref[sl] = token_logprobs(reference, toks, p, r, cfg.temperature).sum(1)    # log pi_ref(z|x)
+    penalised = penalised_reward(reward, stopped, cfg.penalty_factor) if cfg.nonstop_penalty else reward
+    r = adjusted_reward(penalised, logp, logp_ref, cfg.beta)                            # r = R - beta * KL
+    ro.advantages = rloo_advantages(r, K)                                               # A_k (RLOO)
+    lengths = (rationale_end - prompt_end).float()
+    metrics = {
+        "reward": reward.mean().item(),                  # mean log pi(y|x,z), before the penalty
+        "reward_penalised": penalised.mean().item(),
+        "kl": (logp - logp_ref).mean().item(),           # sequence-level k1 estimate of KL[pi || pi_ref]
+        "adjusted_reward": r.mean().item(),
+        "advantage_std": ro.advantages.std().item(),
+        "rationale_len": lengths.mean().item(),
+        "stop_rate": stopped.float().mean().item(),
+        "answer_tokens": sum(len(a) for a in answer_ids) / len(answer_ids),
+    }
+    return ro, metrics
+
+
+def policy_device(model):
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 6: the loss, with gradients, micro-batch by micro-batch
+
+def backward_on_rollout(policy, ro, cfg, n_total=None, before_backward=None):
+    """Recomputes log pi(z|x) and log pi(y|x,z) with gradients and backpropagates L micro-batch by micro-batch.
+    n_total: the row count the loss is averaged over (default: this rollout's rows). before_backward(is_last) lets
+    the trainer skip DDP's gradient all-reduce until the last micro-batch. Returns metrics."""
+    n = n_total or ro.tokens.shape[0]
+    pg_sum, answer_sum, loss_sum = 0.0, 0.0, 0.0
+    batches = list(micro_batches(ro, cfg.micro_batch_size))
+    for j, (toks, p, r, a, sl) in enumerate(batches):
+        logp, logp_answer = span_logprobs(policy, toks, p, r, a, cfg.temperature)
+        loss, pg, answer = latro_loss(logp, logp_answer, ro.advantages[sl], cfg.answer_weight, n)
+        if before_backward is not None:
+            before_backward(j == len(batches) - 1)
+        loss.backward()
+        loss_sum, pg_sum, answer_sum = loss_sum + loss.item(), pg_sum + pg.item(), answer_sum + answer.item()
+    return {"loss": loss_sum, "loss_pg": pg_sum, "loss_answer": answer_sum}
