@@ -40,6 +40,7 @@ Simplifications and choices versus the paper and its official code (SalesforceAI
     log pi(y|x+z) is the model's likelihood at temperature 1. Both are 1 by default, as in the paper.
   * One optimiser step per sampled batch, fully on-policy: no PPO ratio or clipping, no advantage whitening.
 """
+import time
 from dataclasses import dataclass
 
 import torch
@@ -176,6 +177,7 @@ def rollout(policy, reference, tokenizer, prompts, answers, cfg, seeds=None, sam
     Returns (Rollout, metrics dict)."""
     K, device = cfg.num_samples, policy_device(policy)
     eos = set(tokenizer.eos_ids)
+    t0 = time.time()
     samples = generate(sampler or policy, prompts, cfg.max_rationale_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                        stop=sorted(eos) + list(cfg.stop_strings), num_samples=K, seed=seeds, tokenizer=tokenizer)
     # y = the answer template + end-of-turn, tokenised on its own and appended after the cut rationale
@@ -196,6 +198,7 @@ def rollout(policy, reference, tokenizer, prompts, answers, cfg, seeds=None, sam
     stopped = torch.tensor(stopped, device=device)
     ro = Rollout(tokens, prompt_end, rationale_end, answer_end, stopped, None, texts)
 
+    t1 = time.time()
     logp, reward, logp_ref = (torch.zeros(len(rows), device=device) for _ in range(3))
     for toks, p, r, a, sl in micro_batches(ro, cfg.micro_batch_size):
         logp[sl], reward[sl] = span_logprobs(policy, toks, p, r, a, cfg.temperature)    # log pi(z|x), R = log pi(y|x,z)
@@ -213,6 +216,9 @@ def rollout(policy, reference, tokenizer, prompts, answers, cfg, seeds=None, sam
         "rationale_len": lengths.mean().item(),
         "stop_rate": stopped.float().mean().item(),
         "answer_tokens": sum(len(a) for a in answer_ids) / len(answer_ids),
+        "sampled_tokens": sum(len(s) for s in samples),
+        "time_sample": t1 - t0,
+        "time_score": time.time() - t1,
     }
     return ro, metrics
 
@@ -224,18 +230,19 @@ def policy_device(model):
 # --------------------------------------------------------------------------------------------------------------
 # Step 6: the loss, with gradients, micro-batch by micro-batch
 
-def backward_on_rollout(policy, ro, cfg, n_total=None, before_backward=None):
+def backward_on_rollout(policy, ro, cfg, n_total=None, before_forward=None):
     """Recomputes log pi(z|x) and log pi(y|x,z) with gradients and backpropagates L micro-batch by micro-batch.
-    n_total: the row count the loss is averaged over (default: this rollout's rows). before_backward(is_last) lets
-    the trainer skip DDP's gradient all-reduce until the last micro-batch. Returns metrics."""
+    n_total: the row count the loss is averaged over (default: this rollout's rows). before_forward(is_last) lets
+    the trainer skip DDP's gradient all-reduce until the last micro-batch (DDP reads its flag in forward, so
+    it must be set before the forward, not before the backward). Returns metrics."""
     n = n_total or ro.tokens.shape[0]
     pg_sum, answer_sum, loss_sum = 0.0, 0.0, 0.0
     batches = list(micro_batches(ro, cfg.micro_batch_size))
     for j, (toks, p, r, a, sl) in enumerate(batches):
+        if before_forward is not None:
+            before_forward(j == len(batches) - 1)
         logp, logp_answer = span_logprobs(policy, toks, p, r, a, cfg.temperature)
         loss, pg, answer = latro_loss(logp, logp_answer, ro.advantages[sl], cfg.answer_weight, n)
-        if before_backward is not None:
-            before_backward(j == len(batches) - 1)
         loss.backward()
         loss_sum, pg_sum, answer_sum = loss_sum + loss.item(), pg_sum + pg.item(), answer_sum + answer.item()
     return {"loss": loss_sum, "loss_pg": pg_sum, "loss_answer": answer_sum}

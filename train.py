@@ -1,0 +1,555 @@
+"""Trains a language model with LaTRO (latro.py), or with the paper's SFT baseline, on GSM8K or ARC-Challenge.
+
+    python train.py                                            # a first run on a laptop CPU: smollm2-135m, gsm8k
+    python train.py --model llama-3.1-8b --dataset gsm8k      # the paper's hyperparameters (see PAPER below)
+    torchrun --nproc_per_node 8 train.py --model llama-3.1-8b  # data-parallel; FSDP2 when replicas would not fit
+    python train.py --resume runs/latro/checkpoint-000002      # continue a run exactly where it stopped
+    python train.py --method sft                               # the SFT baseline: same loop, gold rationales
+
+One step: each rank takes its share of the step's questions, samples K rationales per question, scores them (no
+grad), then recomputes log-probs with gradients micro-batch by micro-batch and takes one AdamW step. Precision:
+fp32 master weights always (at lr 5e-7 a bf16 weight update rounds to nothing); on GPU, compute runs in bf16 through
+autocast (DDP) or FSDP2's MixedPrecisionPolicy, and sampling uses a bf16 copy of the policy refreshed after every
+step, so a sharded policy is gathered once per step rather than at every decoding step.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+import data
+import eval as evaluation
+import latro
+from model import ALIASES, load, save, token_logprobs
+
+# The paper's recipe (§5.1 and the official training.sh): lr 5e-7, K = 16, L = 500, T = 1, AdamW without warm-up,
+# linear decay, 24 questions (384 rollouts) per step; 6 "epochs" of GSM8K rollouts = 117 steps, 12 of ARC = 35.
+PAPER = dict(lr=5e-7, num_samples=16, questions_per_step=24, max_rationale_tokens=500, micro_batch_size=4,
+             steps={"gsm8k": 117, "arc_challenge": 35})
+# A first run that finishes in minutes on a laptop CPU.
+LAPTOP = dict(lr=5e-6, num_samples=4, questions_per_step=2, max_rationale_tokens=96, micro_batch_size=4,
+              steps={"gsm8k": 4, "arc_challenge": 4})
+PAPER_MODELS = ("llama-3.1-8b", "mistral-7b", "phi-3.5-mini")
+BETA = {"gsm8k": 0.05, "arc_challenge": 0.25}  # the paper's KL coefficients
+MAX_BAD_STEPS = 3  # abort after this many non-finite losses in a row
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help=f"local HF directory, hub id, or alias ({', '.join(ALIASES)}); "
+                   "default smollm2-135m, or the resumed run's model")
+    p.add_argument("--dataset", default="gsm8k", help="gsm8k, arc_challenge, or a .jsonl file in either layout")
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training questions")
+    p.add_argument("--method", choices=("latro", "sft"), default="latro")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (paper: 117 gsm8k, 35 arc)")
+    p.add_argument("--questions-per-step", type=int, default=None, help="global batch, in questions (paper: 24)")
+    p.add_argument("--num-samples", "-K", type=int, default=None, help="rationales per question (paper: 16)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward/backward")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 5e-7)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off (as the official code)")
+    p.add_argument("--beta", type=float, default=None, help="KL coefficient (paper: 0.05 gsm8k, 0.25 arc)")
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="alpha on -log pi(y|x,z): 1 as the paper's Eq. 4; the official code used 0")
+    p.add_argument("--max-rationale-tokens", type=int, default=None, help="L (paper: 500)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--no-nonstop-penalty", action="store_true", help="do not penalise rationales that never stop")
+    p.add_argument("--penalty-factor", type=float, default=2.0, help="gamma: R := gamma * batch-mean R if not stopped")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype (master weights are always fp32); auto = bf16 on GPU, fp32 on CPU")
+    p.add_argument("--fsdp", choices=("auto", "on", "off"), default="auto",
+                   help="shard params, grads and optimizer state with FSDP2; auto = when a replica would not fit")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--out", default=None, help="run directory (default runs/<method>-<dataset>)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a run directory that has results")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end); 0 = end only")
+    p.add_argument("--no-save", action="store_true", help="write no checkpoint at all")
+    p.add_argument("--resume", default=None, help="a checkpoint directory written by this script")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps with eval.py; 0 = off")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--eval-limit", type=int, default=50)
+    p.add_argument("--eval-max-new-tokens", type=int, default=None, help="default: --max-rationale-tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", default=None, help="wandb project name (only if wandb is installed)")
+    p.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
+    return p.parse_args(argv)
+
+
+def fill_defaults(args):
+    """Unset flags come from the paper's recipe for the paper's models and from the laptop recipe otherwise."""
+    args.model = args.model or "smollm2-135m"
+    preset = PAPER if args.model in PAPER_MODELS else LAPTOP
+    name = args.dataset if args.dataset in BETA else "gsm8k"
+    for key in ("lr", "num_samples", "questions_per_step", "max_rationale_tokens", "micro_batch_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    args.steps = args.steps if args.steps is not None else preset["steps"][name]
+    args.beta = args.beta if args.beta is not None else BETA[name]
+    args.eval_max_new_tokens = args.eval_max_new_tokens or args.max_rationale_tokens
+    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume
+                            else os.path.join("runs", f"{args.method}-{os.path.basename(args.dataset).split('.')[0]}"))
+    return args
+
+
+def check_args(args, world):
+    """Every flag problem, found before anything is loaded or written."""
+    if args.method == "latro" and args.num_samples < 2:
+        raise ValueError(f"--num-samples {args.num_samples}: RLOO needs K >= 2 rationales per question")
+    if not 0 < args.lr <= 1e-2:
+        raise ValueError(f"--lr {args.lr} is out of range (expected 0 < lr <= 1e-2; the paper uses 5e-7)")
+    for flag in ("steps", "questions_per_step", "micro_batch_size", "max_rationale_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
+    if args.questions_per_step % world:
+        raise ValueError(f"--questions-per-step {args.questions_per_step} is not divisible by the world size {world}")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature {args.temperature}: LaTRO samples rationales, expected > 0")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: expected a positive integer")
+    if args.resume and not os.path.isfile(os.path.join(args.resume, "trainer_state.json")):
+        raise FileNotFoundError(f"{os.path.join(args.resume, 'trainer_state.json')}: missing (expected a checkpoint "
+                                "directory written by train.py)")
+    if not args.resume and not args.overwrite and os.path.isfile(os.path.join(args.out, "metrics.jsonl")):
+        raise ValueError(f"{args.out}: already holds a run (metrics.jsonl); pass --resume CHECKPOINT, --overwrite, "
+                         "or another --out")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distributed setup and models
+
+def setup_distributed(device_flag):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device_flag is None else device_flag.startswith("cuda")
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, local = (dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))) if world > 1 else (0, 0)
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return torch.device(f"cuda:{local}" if use_cuda else "cpu"), rank, world
+
+
+def memory_estimate(n_params, world, compute_dtype, sharded):
+    """Bytes per device: fp32 master weights + grads + AdamW moments (16 B/param, / world when sharded), a frozen
+    reference and (under bf16) a sampling copy, each in the compute dtype. Activations and the KV cache come on top."""
+    low = compute_dtype != torch.float32
+    state = 16 * n_params / (world if sharded else 1)
+    return state + n_params * (2 if low else 4) + (2 * n_params if low or sharded else 0)
+
+
+def device_memory(device):
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def build_models(args, device, world, compute_dtype):
+    """policy (fp32 master weights, maybe DDP/FSDP-wrapped), sampler (the module that generates and scores without
+    grad), reference (frozen), tokenizer, and whether the policy is sharded."""
+    source = args.resume or args.model
+    policy, tokenizer = load(source, device=device, dtype=torch.float32)
+    reference, _ = load(args.model, device=device, dtype=compute_dtype)
+    reference.requires_grad_(False)
+    n_params = sum(p.numel() for p in policy.parameters())
+    total = device_memory(device)
+    replicated = memory_estimate(n_params, world, compute_dtype, sharded=False)
+    sharded = args.fsdp == "on" or (args.fsdp == "auto" and world > 1 and total is not None and replicated > 0.8 * total)
+    policy.checkpoint_layers = args.activation_checkpointing
+    sampler = policy
+    if compute_dtype != torch.float32 or sharded:
+        sampler, _ = load(source, device=device, dtype=compute_dtype)
+        sampler.requires_grad_(False)
+    if sharded:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for layer in policy.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(policy, mesh=mesh, mp_policy=mp)
+    elif world > 1:
+        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    estimate = memory_estimate(n_params, world, compute_dtype, sharded)
+    return policy, sampler, reference, tokenizer, sharded, n_params, estimate
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def refresh_sampler(sampler, policy):
+    """Copies the updated fp32 policy into the bf16 sampling copy (an all-gather per tensor when sharded)."""
+    for s, p in zip(sampler.parameters(), unwrap(policy).parameters()):
+        s.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+def set_grad_sync(policy, enabled):
+    """Skip the gradient all-reduce on all micro-batches but the last (DDP) / the reduce-scatter (FSDP2)."""
+    if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
+        policy.require_backward_grad_sync = enabled
+    elif hasattr(policy, "set_requires_gradient_sync"):
+        policy.set_requires_gradient_sync(enabled)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data order: a reshuffle per epoch, fixed by the seed, so a resumed run sees exactly the same questions
+
+def step_questions(n_examples, step, per_step, seed):
+    """Global question indices for `step` (0-based), walking seeded permutations epoch after epoch."""
+    out = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, j = divmod(i, n_examples)
+        out.append(torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))[j].item())
+    return out
+
+
+def lr_factor(step, steps, warmup):
+    """Linear warm-up, then linear decay to 0 at the last step (the paper: no warm-up, linear decay)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def question_seed(seed, step, index):
+    return (seed * 1_000_003 + step * 100_003 + index) % 2**62
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The SFT baseline: -mean log pi(gold rationale + answer | x) per token, same loop and data
+
+def sft_backward(policy, tokenizer, examples, prompts, micro_batch, n_tokens_total, device, before_forward):
+    rows, spans = [], []
+    for ex, x in zip(examples, prompts):
+        target = (ex.rationale.strip() + "\n" if ex.rationale.strip() else "") + ex.answer_text
+        y = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eot_id]
+        rows.append(x + y)
+        spans.append((len(x), len(x) + len(y)))
+    loss_sum, batches = 0.0, range(0, len(rows), micro_batch)
+    for j, i in enumerate(batches):
+        chunk, sp = rows[i:i + micro_batch], spans[i:i + micro_batch]
+        tokens = torch.zeros(len(chunk), max(len(r) for r in chunk), dtype=torch.long, device=device)
+        for b, r in enumerate(chunk):
+            tokens[b, :len(r)] = torch.tensor(r, device=device)
+        starts, ends = torch.tensor(sp, device=device).unbind(1)
+        before_forward(j == len(batches) - 1)
+        loss = -token_logprobs(policy, tokens, starts, ends).sum() / n_tokens_total
+        loss.backward()
+        loss_sum += loss.item()
+    return {"loss": loss_sum, "target_tokens": n_tokens_total}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints: HF layout (loads in transformers/vLLM) + optimizer moments, step and RNG; written atomically
+
+def optimizer_tensors(optimizer, policy):
+    names = {id(p): n for n, p in unwrap(policy).named_parameters()}
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, t in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(t):
+                    t = t.to_local() if hasattr(t, "to_local") else t
+                    out[f"{names[id(p)]}.{key}"] = t.detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer_tensors(optimizer, policy, tensors):
+    for name, p in unwrap(policy).named_parameters():
+        state = {}
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            t = tensors[f"{name}.{key}"].to(p.device if key != "step" else "cpu")
+            if key != "step" and hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import DTensor
+                t = DTensor.from_local(t, p.device_mesh, p.placements)
+            state[key] = t
+        optimizer.state[p] = state
+
+
+def full_state_dict(policy, sharded):
+    if not sharded:
+        return {k: v.detach() for k, v in unwrap(policy).state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharded, rank, world, args):
+    """checkpoint-{step}/: the model in HF layout, optimizer.safetensors (per rank when sharded), rng and
+    trainer_state.json. Built in a temporary directory and renamed into place, so a kill leaves no half
+    checkpoint and never damages an earlier one."""
+    from safetensors.torch import save_file
+    final = os.path.join(out_dir, f"checkpoint-{step:06d}")
+    tmp = final + ".partial"
+    state = full_state_dict(policy, sharded)  # collective under FSDP: every rank calls it
+    if rank == 0:
+        # save() reads config and args off a module: under FSDP the policy is sharded, the sampler copy is whole
+        save(sampler if sharded else unwrap(policy), tokenizer, tmp, state_dict=state)
+    if world > 1:
+        dist.barrier()
+    opt_name = f"optimizer-rank{rank}.safetensors" if sharded else "optimizer.safetensors"
+    if sharded or rank == 0:
+        save_file(optimizer_tensors(optimizer, policy), os.path.join(tmp, opt_name))
+    save_file({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "base_model": args.model, "method": args.method, "world_size": world,
+                       "sharded": sharded, "args": vars(args)}, f, indent=2)
+        old = final + ".old"
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def read_resume_state(args, world):
+    with open(os.path.join(args.resume, "trainer_state.json")) as f:
+        state = json.load(f)
+    if args.model is not None and args.model != state["base_model"]:
+        raise ValueError(f"{args.resume}: checkpoint was trained from --model {state['base_model']!r}, "
+                         f"not {args.model!r}")
+    if state["sharded"] and state["world_size"] != world:
+        raise ValueError(f"{args.resume}: sharded optimizer state was saved by {state['world_size']} ranks, "
+                         f"this run has {world}")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logging
+
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def mean_across_ranks(metrics, world, device):
+    if world == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
+
+
+def progress_line(m):
+    if "reward" in m:
+        return (f"step {m['step']:>4} | loss {m['loss']:+.4f} | reward {m['reward']:8.3f} | kl {m['kl']:+.4f} | "
+                f"len {m['rationale_len']:5.1f} | stop {m['stop_rate']:.2f} | acc {m.get('accuracy', float('nan')):.2f} "
+                f"| {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e}")
+    return f"step {m['step']:>4} | sft loss {m['loss']:.4f} | {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e}"
+
+
+def append_metrics(path, m):
+    with open(path, "a") as f:
+        f.write(json.dumps(m) + "\n")
+
+
+def truncate_metrics(path, last_step):
+    """On resume, drop lines of steps after the checkpoint (written before the run stopped), atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def plot_curves(path_jsonl, path_png):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(path_jsonl) if line.strip()]
+    keys = [k for k in ("reward", "kl", "rationale_len", "stop_rate") if k in rows[0]] or ["loss"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path_png)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+
+def train(args):
+    device, rank, world = setup_distributed(args.device)
+    resume_state = read_resume_state(args, world) if args.resume else None
+    if resume_state:
+        args.model = resume_state["base_model"]
+    fill_defaults(args)
+    check_args(args, world)
+    compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(args.seed + rank)
+
+    examples = data.load_dataset(args.dataset, args.split, args.limit)
+    policy, sampler, reference, tokenizer, sharded, n_params, estimate = build_models(args, device, world, compute_dtype)
+    prompts = {}  # chat-templated prompt tokens, computed once per question
+
+    def prompt_of(i):
+        if i not in prompts:
+            prompts[i] = data.chat_prompt(tokenizer, examples[i])
+        return prompts[i]
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda" and not sharded)
+    start = 0
+    if resume_state:
+        from safetensors.torch import load_file
+        start = resume_state["step"]
+        opt_name = f"optimizer-rank{rank}.safetensors" if resume_state["sharded"] else "optimizer.safetensors"
+        load_optimizer_tensors(optimizer, policy, load_file(os.path.join(args.resume, opt_name)))
+        rng_path = os.path.join(args.resume, f"rng-rank{rank}.safetensors")
+        if os.path.isfile(rng_path):
+            torch.set_rng_state(load_file(rng_path)["cpu"])
+    cfg = latro.LatroConfig(
+        num_samples=args.num_samples, beta=args.beta, answer_weight=args.answer_weight,
+        max_rationale_tokens=args.max_rationale_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, nonstop_penalty=not args.no_nonstop_penalty, penalty_factor=args.penalty_factor,
+        micro_batch_size=args.micro_batch_size)
+
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if resume_state:
+            truncate_metrics(metrics_path, start)
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)  # --overwrite was given (check_args)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump({"args": vars(args), "latro": asdict(cfg)}, f, indent=2)
+        total = device_memory(device)
+        print(f"preflight | model {args.model} | {n_params / 1e6:.1f}M params | world {world} | "
+              f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | compute {str(compute_dtype)[6:]} | "
+              f"est. {estimate / 2**30:.1f} GiB/device before activations"
+              + (f" of {total / 2**30:.0f} GiB" if total else "") + f" | {len(examples)} questions | "
+              f"{args.questions_per_step} questions x K={args.num_samples} per step | steps {start}->{args.steps}",
+              flush=True)
+    wandb_run = None
+    if args.wandb and rank == 0:
+        try:
+            import wandb
+            wandb_run = wandb.init(project=args.wandb, config=vars(args))
+        except ImportError:
+            print("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only", flush=True)
+
+    evaluator = None
+    if args.eval_every:  # eval.py's own code path, on the held-out split, with the sampling copy of the policy
+        eval_examples = data.load_dataset(args.dataset, args.eval_split, args.eval_limit)
+        evaluator = lambda: evaluation.evaluate(sampler, tokenizer, eval_examples, args.eval_max_new_tokens)[1]
+
+    per_rank = args.questions_per_step // world
+    bad_steps, last_saved, t_run = 0, None, time.time()
+    policy.train()
+    for step in range(start, args.steps):
+        t0 = time.time()
+        for g in optimizer.param_groups:
+            g["lr"] = args.lr * lr_factor(step, args.steps, args.warmup_steps)
+        ids = step_questions(len(examples), step, args.questions_per_step, args.seed)[rank * per_rank:(rank + 1) * per_rank]
+        batch = [examples[i] for i in ids]
+        x = [prompt_of(i) for i in ids]
+        autocast = torch.autocast("cuda", dtype=compute_dtype) if device.type == "cuda" and not sharded \
+            and compute_dtype != torch.float32 else nullcontext()
+        sync = lambda last: set_grad_sync(policy, last)
+        if args.method == "latro":
+            ro, m = latro.rollout(sampler, reference, tokenizer, x, [e.answer_text for e in batch], cfg,
+                                  seeds=[question_seed(args.seed, step, i) for i in ids])
+            K = args.num_samples
+            # accuracy of the answer each rationale itself states, extracted as eval.py does
+            m["accuracy"] = sum(evaluation.is_correct(batch[i // K], evaluation.extract_answer(batch[i // K], text))
+                                for i, text in enumerate(ro.rationales)) / len(ro.rationales)
+            t1 = time.time()
+            with autocast:
+                m.update(latro.backward_on_rollout(policy, ro, cfg, before_forward=sync))
+            sampled = m.pop("sampled_tokens")
+        else:
+            n_tok = torch.tensor(float(sum(len(tokenizer.encode((e.rationale.strip() + "\n" if e.rationale.strip()
+                                 else "") + e.answer_text, add_special_tokens=False)) + 1 for e in batch)), device=device)
+            if world > 1:
+                dist.all_reduce(n_tok)
+            t1 = time.time()
+            with autocast:
+                m = sft_backward(policy, tokenizer, batch, x, args.micro_batch_size, n_tok.item() / world, device, sync)
+            sampled = m["target_tokens"] / world
+        t2 = time.time()
+        loss_ok = torch.tensor(float(math.isfinite(m["loss"])), device=device)
+        if world > 1:
+            dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
+        if loss_ok.item() < 1:
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            if rank == 0:
+                print(f"warning: step {step + 1}: non-finite loss ({m['loss']}); step skipped "
+                      f"({bad_steps}/{MAX_BAD_STEPS} in a row)", flush=True)
+            if bad_steps >= MAX_BAD_STEPS:
+                raise RuntimeError(f"{MAX_BAD_STEPS} non-finite losses in a row; stopping (last good checkpoint: "
+                                   f"{last_saved or 'none'})")
+            continue
+        bad_steps = 0
+        if args.grad_clip > 0:
+            m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if sampler is not policy:
+            refresh_sampler(sampler, policy)
+        m = mean_across_ranks(m, world, device)
+        elapsed = time.time() - t0
+        m.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], seconds=elapsed,
+                 time_rollout=t1 - t0, time_backward=t2 - t1, tokens_per_s=sampled * world / elapsed,
+                 peak_memory_gb=peak_memory_bytes(device) / 2**30)
+        if evaluator and (step + 1) % args.eval_every == 0:
+            summary = evaluator()
+            m["eval_accuracy"] = summary["accuracy"]
+        if rank == 0:
+            append_metrics(metrics_path, m)
+            print(progress_line(m), flush=True)
+            if wandb_run:
+                wandb_run.log(m, step=step + 1)
+        if not args.no_save and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
+            last_saved = save_checkpoint(args.out, step + 1, policy, sampler, tokenizer, optimizer, sharded, rank,
+                                         world, args)
+    if rank == 0:
+        if os.path.isfile(metrics_path):
+            plot_curves(metrics_path, os.path.join(args.out, "curves.png"))
+        rows = [json.loads(line) for line in open(metrics_path)] if os.path.isfile(metrics_path) else []
+        last = rows[-1] if rows else {}
+        print(f"done | {args.method} {args.model} on {args.dataset} | steps {start}->{args.steps} in "
+              f"{time.time() - t_run:.0f}s | final reward {last.get('reward', float('nan')):.3f} kl "
+              f"{last.get('kl', float('nan')):.4f} loss {last.get('loss', float('nan')):.4f} | "
+              f"checkpoint {last_saved or 'none'} | metrics {metrics_path}", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+    return policy
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
