@@ -126,9 +126,11 @@ def adjusted_reward(reward, logp, logp_ref, beta):
 
 def rloo_advantages(r, k):
     """A_k = r_k - mean of the other K-1 rewards of the same question. r (N,) with each question's K adjacent."""
+    # r_k - (sum_j r_j - r_k)/(K-1) = K/(K-1) * (r_k - mean r). Shifting by the group's first reward first keeps
+    # equal rewards (e.g. a group of penalised rationales) at an advantage of exactly 0 instead of rounding noise.
     g = r.view(-1, k)                                                           # (questions, K)
-    baseline = (g.sum(1, keepdim=True) - g) / (k - 1)
-    return (g - baseline).view(-1)
+    d = g - g[:, :1]
+    return ((d - d.mean(1, keepdim=True)) * (k / (k - 1))).view(-1)
 
 
 def latro_loss(logp, logp_answer, advantages, answer_weight, n):

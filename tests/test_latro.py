@@ -1,0 +1,199 @@
+"""The LaTRO objective, checked against hand-worked numbers and brute-force computations.
+
+The brute force scores every sequence with a plain full-vocabulary log_softmax over model(tokens) - no fused
+scoring, no spans helper - and builds the loss from the paper's formulas directly.
+"""
+import copy
+
+import pytest
+import torch
+
+import latro
+from latro import LatroConfig, cut_rationale, rloo_advantages, adjusted_reward, penalised_reward, latro_loss
+from model import load
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hand-worked numbers
+
+def test_rloo_advantages_hand_worked():
+    # one question, K = 4, r = [1, 2, 3, 6]: leave-one-out means are 11/3, 10/3, 9/3, 6/3
+    a = rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), 4)
+    assert torch.allclose(a, torch.tensor([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0]))
+    # two questions of K = 2: A = +-(r1 - r2) / 1 within each pair, and questions do not mix
+    a = rloo_advantages(torch.tensor([0.0, 1.0, 10.0, 4.0]), 2)
+    assert torch.allclose(a, torch.tensor([-1.0, 1.0, 6.0, -6.0]))
+    # RLOO advantages of a group always sum to 0 (they are K/(K-1) times the group-centred rewards)
+    assert torch.allclose(rloo_advantages(torch.randn(12), 3).view(4, 3).sum(1), torch.zeros(4), atol=1e-6)
+    # equal rewards (a group whose rationales were all penalised) give exactly 0, not rounding noise that Adam
+    # would turn into a full-size update
+    assert torch.equal(rloo_advantages(torch.full((6,), -109.15377), 3), torch.zeros(6))
+
+
+def test_adjusted_reward_and_penalty_hand_worked():
+    reward = torch.tensor([-2.0, -4.0, -6.0, -8.0])
+    stopped = torch.tensor([True, False, True, True])
+    # batch mean R = -5, gamma = 2: the unfinished rationale's reward becomes -10
+    assert torch.equal(penalised_reward(reward, stopped, 2.0), torch.tensor([-2.0, -10.0, -6.0, -8.0]))
+    # r = R - beta * (logp - logp_ref): -2 - 0.5 * (-3 - -5) = -3
+    r = adjusted_reward(torch.tensor([-2.0]), torch.tensor([-3.0]), torch.tensor([-5.0]), 0.5)
+    assert r.item() == pytest.approx(-3.0)
+
+
+def test_latro_loss_terms_hand_worked():
+    logp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    logp_answer = torch.tensor([-3.0, -5.0], requires_grad=True)
+    adv = torch.tensor([2.0, -2.0])
+    loss, pg, answer = latro_loss(logp, logp_answer, adv, answer_weight=0.5, n=2)
+    # pg = -(2 * -1 + -2 * -2) / 2 = -1 ; answer = -(-3 - 5) / 2 = 4 ; loss = -1 + 0.5 * 4 = 1
+    assert (pg.item(), answer.item(), loss.item()) == (-1.0, 4.0, 1.0)
+    loss.backward()
+    assert torch.equal(logp.grad, torch.tensor([-1.0, 1.0]))         # d/dlogp = -A / n
+    assert torch.equal(logp_answer.grad, torch.tensor([-0.25, -0.25]))  # d/dlogp_y = -alpha / n
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Cutting rationales at stops
+
+def test_cut_at_stop_string_spanning_tokens(tiny_llama_dir):
+    _, tok = load(tiny_llama_dir)
+    text = "So 3 + 4 = 7 apples. The answer is 7."
+    ids = tok.encode(text, add_special_tokens=False)
+    z, stopped = cut_rationale(ids, tok, latro.STOP_STRINGS, set(tok.eos_ids))
+    assert stopped
+    # brute force: the longest token prefix whose text ends at or before where "The answer is" starts
+    cut = text.find("The answer is")
+    best = max(k for k in range(len(ids) + 1) if len(tok.decode(ids[:k])) <= cut)
+    assert z == ids[:best]
+    assert "answer" not in tok.decode(z) and tok.decode(z).startswith("So 3 + 4 = 7 apples.")
+    # the stop string must not have been a single token, or this would not test a cross-token match
+    assert not any(tok.decode([i]) == "The answer is" for i in ids)
+
+
+def test_cut_at_end_of_turn_and_at_length(tiny_llama3_dir):
+    _, tok = load(tiny_llama3_dir)
+    eos = set(tok.eos_ids)
+    ids = tok.encode("Four plus three is seven", add_special_tokens=False)
+    assert cut_rationale(ids + [tok.eot_id] + ids, tok, latro.STOP_STRINGS, eos) == (ids, True)
+    assert cut_rationale(ids, tok, latro.STOP_STRINGS, eos) == (ids, False)   # ran out of length: not stopped
+    # an end-of-turn before a later stop string wins
+    tail = tok.encode(" The answer is 7", add_special_tokens=False)
+    assert cut_rationale(ids + [tok.eot_id] + tail, tok, latro.STOP_STRINGS, eos) == (ids, True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The whole objective against brute force
+
+def naive_logprobs(model, tokens):
+    """(B, T) with out[b, t] = log p(tokens[b, t] | tokens[b, :t]) from a full log_softmax; out[:, 0] = 0."""
+    logp = torch.log_softmax(model(tokens).float(), -1)[:, :-1].gather(2, tokens[:, 1:, None])[..., 0]
+    return torch.nn.functional.pad(logp, (1, 0))
+
+
+def perturbed_copy(model, scale=0.02, seed=0):
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return ref.requires_grad_(False)
+
+
+def make_prompts(tok, questions):
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
+            for q in questions]
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_rollout_and_gradient_match_brute_force(tmp_path, style):
+    from conftest import make_tiny_model
+    directory = make_tiny_model(tmp_path / style, tokenizer_style=style, seed=4)
+    policy, tok = load(directory)
+    reference = perturbed_copy(policy)       # a different pi_ref, so the KL term is not zero
+    prompts = make_prompts(tok, ["What is 3 + 4? Let's think step by step.", "Add 12 and 5. Let's think step by step."])
+    answers = ["The answer is 7.", "The answer is 17."]
+    cfg = LatroConfig(num_samples=3, beta=0.3, answer_weight=0.7, max_rationale_tokens=12, micro_batch_size=2,
+                      temperature=1.0)
+    ro, metrics = latro.rollout(policy, reference, tok, prompts, answers, cfg, seeds=[11, 12])
+
+    # Rebuild everything from the rows and their lengths with a full log_softmax.
+    pol, ref = naive_logprobs(policy, ro.tokens).detach(), naive_logprobs(reference, ro.tokens)
+    t = torch.arange(ro.tokens.shape[1])
+    z = (t >= ro.prompt_end[:, None]) & (t < ro.rationale_end[:, None])
+    y = (t >= ro.rationale_end[:, None]) & (t < ro.answer_end[:, None])
+    logp, logp_ref, R = (pol * z).sum(1), (ref * z).sum(1), (pol * y).sum(1)
+    R_pen = torch.where(ro.stopped, R, cfg.penalty_factor * R.mean())
+    r = R_pen - cfg.beta * (logp - logp_ref)
+    g = r.view(2, 3)
+    A = (g - (g.sum(1, keepdim=True) - g) / 2).view(-1)
+    assert metrics["reward"] == pytest.approx(R.mean().item(), abs=1e-4)
+    assert metrics["kl"] == pytest.approx((logp - logp_ref).mean().item(), abs=1e-4)
+    assert metrics["kl"] != 0.0
+    assert torch.allclose(ro.advantages, A, atol=1e-4)
+
+    # The answer y is scored up to and including its end-of-turn token, even when that id is also the pad id.
+    for b in range(ro.tokens.shape[0]):
+        assert ro.tokens[b, ro.answer_end[b] - 1].item() == tok.eot_id
+        assert tok.decode(ro.tokens[b, ro.rationale_end[b]:ro.answer_end[b] - 1].tolist()) == answers[b // 3]
+    if style == "llama3":
+        assert tok.pad_id in tok.eos_ids
+
+    # Gradient of L (micro-batched, fused scoring) == gradient of the brute-force loss.
+    policy.train()
+    latro.backward_on_rollout(policy, ro, cfg)
+    fused = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+    pol = naive_logprobs(policy, ro.tokens)
+    loss = -(A * (pol * z).sum(1)).mean() + cfg.answer_weight * -(pol * y).sum(1).mean()
+    loss.backward()
+    for n, p in policy.named_parameters():
+        assert torch.allclose(fused[n], p.grad, atol=1e-4, rtol=1e-4), n
+
+
+def test_one_step_changes_every_parameter_but_not_the_reference(tiny_llama_dir):
+    policy, tok = load(tiny_llama_dir)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    ref_before = {n: p.clone() for n, p in reference.state_dict().items()}
+    cfg = LatroConfig(num_samples=4, max_rationale_tokens=10)
+    prompts = make_prompts(tok, ["What is 3 + 4?", "What is 2 + 2?"])
+    ro, _ = latro.rollout(policy, reference, tok, prompts, ["The answer is 7.", "The answer is 4."], cfg, seeds=[1, 2])
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    policy.train()
+    latro.backward_on_rollout(policy, ro, cfg)
+    opt.step()
+    for n, p in policy.named_parameters():
+        assert not torch.equal(p.detach(), before[n]), f"{n} did not change"
+    for n, p in reference.state_dict().items():
+        assert torch.equal(p, ref_before[n]), f"reference {n} changed"
+    assert all(p.grad is None for p in reference.parameters())
+
+
+def test_training_raises_the_self_reward(tiny_llama_dir):
+    """A few dozen steps must raise R = log pi(y | x, z) on the training questions. Why it must: the answer-likelihood
+    term's gradient is exactly the gradient of R (with z fixed), so with alpha = 1 every step is an ascent step on
+    R for the sampled rationales; the policy-gradient term moves probability towards rationales with higher r. R is
+    measured before and after on the same questions with the same sampling seeds (not the noisy training metric)."""
+    torch.manual_seed(0)
+    policy, tok = load(tiny_llama_dir)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    prompts = make_prompts(tok, ["What is 3 + 4?", "What is 10 - 2?"])
+    answers = ["The answer is 7.", "The answer is 8."]
+    cfg = LatroConfig(num_samples=4, max_rationale_tokens=8, beta=0.05)
+
+    def mean_reward():
+        return latro.rollout(policy, reference, tok, prompts, answers, cfg, seeds=[100, 101])[1]["reward"]
+
+    start = mean_reward()
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for step in range(20):
+        policy.eval()
+        ro, _ = latro.rollout(policy, reference, tok, prompts, answers, cfg, seeds=[step, 1000 + step])
+        policy.train()
+        latro.backward_on_rollout(policy, ro, cfg)
+        opt.step()
+        opt.zero_grad()
+    policy.eval()
+    end = mean_reward()
+    # answers are ~6 tokens; random init gives ~ -6 * log(V) nats. Expect a large, not marginal, gain.
+    assert end > start + 5.0, (start, end)
