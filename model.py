@@ -716,7 +716,8 @@ def load_state(directory, model, device, dtype):
             raise ValueError(f"{path}: not a readable safetensors file ({msg})") from None
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+        name = missing[0] if missing[0].startswith("lm_head") else "model." + missing[0]  # the checkpoint's key
+        raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {name!r}")
     model.load_state_dict(state, strict=True, assign=True)
 
 
@@ -770,7 +771,7 @@ def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     config = dict(model.config)
-    config["torch_dtype"] = str(dtype).replace("torch.", "")
+    config["torch_dtype"] = config["dtype"] = str(dtype).replace("torch.", "")  # older and newer transformers' key
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     for name in Tokenizer.FILES:
