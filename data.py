@@ -1,0 +1,310 @@
+"""GSM8K and ARC-Challenge, prepared the way the LaTRO paper uses them.
+
+Every question becomes an `Example`: the zero-shot user message with the chain-of-thought trigger (x), the gold
+answer, and the answer template y = "The answer is {gold}." that LaTRO scores as its reward (the caller appends the
+model's end-of-turn token). The prompts are the paper's Figures 5 and 6, which match the official code
+(data_utils.py) character for character:
+
+    GSM8K:  "{question} Let's think step by step."
+    ARC:    "Question: {question}\nOptions: {choice texts as a Python list}\nLet's think step by step first then
+             print your answer like 'The answer is (one of the options)'."
+
+The user message is wrapped in the model's own chat template with the generation prompt (`chat_prompt`).
+
+Where the data comes from (`load_dataset`), in order:
+  1. a local .jsonl file (or a directory holding {split}.jsonl), in either dataset's original layout;
+  2. $LATRO_DATA_DIR/{gsm8k,arc_challenge}/{split}.jsonl, for machines without network access;
+  3. the download cache, $LATRO_CACHE/data (default ~/.cache/latro/data), filled on first use from
+     - GSM8K: the raw files of github.com/openai/grade-school-math at a pinned commit, checked by sha256;
+     - ARC-Challenge: the Hugging Face dataset allenai/ai2_arc (config ARC-Challenge), read as JSON through the
+       Hub's dataset-viewer /rows API. The Hub stores ARC as parquet, and reading parquet needs pyarrow, which
+       this project does not depend on; the /rows API serves the same rows as JSON, 100 at a time.
+
+Two departures from the official code, both for the reader's benefit: the GSM8K gold answer has its thousands
+separators removed ("1,080" -> "1080"; the official y keeps them), and the gold rationale (kept only for the SFT
+baseline) has the <<48/2=24>> calculator annotations removed.
+"""
+
+import json
+import os
+import re
+import hashlib
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GSM8K_TRIGGER = "Let's think step by step."
+ARC_TRIGGER = "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
+
+# Named datasets and their splits. GSM8K has no validation split; carve one out of train if you need it.
+SPLITS = {"gsm8k": ("train", "test"), "arc_challenge": ("train", "validation", "test")}
+
+GSM8K_COMMIT = "3101c7d5072418e28b9008a6636bde82a006892c"  # openai/grade-school-math, 2021-11-19
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/{commit}/grade_school_math/data/{split}.jsonl"
+GSM8K_SHA256 = {
+    "train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+    "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+}
+ARC_ROWS_URL = "https://datasets-server.huggingface.co/rows?{query}"
+ARC_SIZES = {"train": 1119, "validation": 299, "test": 1172}
+ARC_PAGE = 100  # the most rows the /rows API returns per request
+
+
+@dataclass
+class Example:
+    id: str
+    question: str  # the raw question (ARC: the stem, without options)
+    prompt_text: str  # the user message: question + chain-of-thought trigger, before the chat template
+    answer: str  # gold answer: GSM8K the number after "#### " without commas; ARC the correct option's text
+    answer_text: str  # the answer template y, without the end-of-turn token: "The answer is {answer}."
+    rationale: str = ""  # GSM8K gold solution (for the SFT baseline); empty for ARC
+    choices: list[tuple[str, str]] = field(default_factory=list)  # ARC: (label, text) pairs in the given order
+    label: str = ""  # ARC: answerKey, the correct option's label ("A".."E" or "1".."5")
+
+    @property
+    def task(self) -> str:
+        return "arc" if self.choices else "gsm8k"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building examples from records
+
+
+def gsm8k_example(id: str, question: str, solution: str) -> Example:
+    """A GSM8K record: the solution ends with "#### <final answer>"."""
+    rationale, answer = solution.split("#### ")  # exactly one marker in every GSM8K solution; checked by the caller
+    answer = answer.strip().replace(",", "")
+    rationale = re.sub(r"<<[^<>]*>>", "", rationale).strip()  # "48/2 = <<48/2=24>>24" -> "48/2 = 24"
+    return Example(
+        id=id,
+        question=question,
+        prompt_text=f"{question} {GSM8K_TRIGGER}",
+        answer=answer,
+        answer_text=f"The answer is {answer}.",
+        rationale=rationale,
+    )
+
+
+def arc_example(id: str, question: str, choices: list[tuple[str, str]], label: str) -> Example:
+    """An ARC record. The options are shown as the Python repr of the list of texts, as the official code does."""
+    texts = [text for _, text in choices]
+    answer = texts[[lab for lab, _ in choices].index(label)]
+    return Example(
+        id=id,
+        question=question,
+        prompt_text=f"Question: {question}\nOptions: {texts}\n{ARC_TRIGGER}",
+        answer=answer,
+        answer_text=f"The answer is {answer}.",
+        choices=list(choices),
+        label=label,
+    )
+
+
+def detect_layout(record: dict) -> str:
+    """Which of the three supported layouts a JSON record is in ("gsm8k", "arc_hf", "arc_ai2"), or "" if none."""
+    question = record.get("question")
+    if isinstance(question, dict) and "stem" in question:
+        return "arc_ai2"  # original AI2 release: {"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}
+    if "choices" in record:
+        return "arc_hf"  # Hugging Face allenai/ai2_arc: {"question", "choices": {"text": [...], "label": [...]}}
+    if "answer" in record:
+        return "gsm8k"  # {"question", "answer": "...#### 42"}
+    return ""
+
+
+LAYOUT_FIELDS = {
+    "gsm8k": '{"question": str, "answer": str ending in "#### <number>"}',
+    "arc_hf": '{"id": str, "question": str, "choices": {"text": [str], "label": [str]}, "answerKey": str}',
+    "arc_ai2": '{"id": str, "question": {"stem": str, "choices": [{"text": str, "label": str}]}, "answerKey": str}',
+}
+
+
+def example_from_record(record: dict, layout: str, default_id: str) -> Example:
+    """Build an Example, raising ValueError (with what was wrong) when the record does not fit its layout."""
+    if layout == "gsm8k":
+        question, solution = record.get("question"), record.get("answer")
+        if not isinstance(question, str) or not isinstance(solution, str):
+            raise ValueError("expected string fields 'question' and 'answer'")
+        if solution.count("#### ") != 1:
+            raise ValueError("expected 'answer' to contain exactly one '#### ' followed by the final answer")
+        example = gsm8k_example(str(record.get("id", default_id)), question, solution)
+        if not example.answer:
+            raise ValueError("expected a final answer after '#### '")
+        return example
+
+    if layout == "arc_hf":
+        question, choices = record.get("question"), record.get("choices")
+        if not isinstance(choices, dict):
+            raise ValueError("expected 'choices' to be an object {\"text\": [...], \"label\": [...]}")
+        texts, labels = choices.get("text"), choices.get("label")
+    else:  # arc_ai2
+        question, choices = record["question"].get("stem"), record["question"].get("choices")
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise ValueError("expected 'question.choices' to be a list of {\"text\", \"label\"} objects")
+        texts, labels = [c.get("text") for c in choices], [c.get("label") for c in choices]
+    if not isinstance(question, str):
+        raise ValueError("expected the question to be a string")
+    if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels) or len(texts) < 2:
+        raise ValueError("expected at least two choices, with as many labels as texts")
+    if not all(isinstance(t, str) for t in texts + labels):
+        raise ValueError("expected choice texts and labels to be strings")
+    label = record.get("answerKey")
+    if label not in labels:
+        raise ValueError(f"expected 'answerKey' to be one of the choice labels {labels}, got {label!r}")
+    return arc_example(str(record.get("id", default_id)), question, list(zip(labels, texts)), label)
+
+
+def read_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
+    """Read a .jsonl file in any of the supported layouts; the layout is detected from the first record.
+
+    Questions without an "id" (GSM8K has none) get "{file stem}-{index}", e.g. "test-0", which is stable across
+    runs, so evaluation can resume by id.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    examples, layout = [], None
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if layout is None:
+                layout = detect_layout(record)
+                if not layout:
+                    raise ValueError(
+                        f"{where}: unrecognised record with fields {sorted(record)}; expected GSM8K "
+                        f"{LAYOUT_FIELDS['gsm8k']} or ARC {LAYOUT_FIELDS['arc_hf']} "
+                        f"or ARC (AI2 layout) {LAYOUT_FIELDS['arc_ai2']}"
+                    )
+            elif detect_layout(record) != layout:
+                raise ValueError(f"{where}: expected a {layout} record like the first one: {LAYOUT_FIELDS[layout]}")
+            try:
+                examples.append(example_from_record(record, layout, default_id=f"{path.stem}-{len(examples)}"))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+    if not examples:
+        raise ValueError(f"{path}: no examples; expected one JSON object per line")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Finding and downloading the named datasets
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LATRO_CACHE", "~/.cache/latro")).expanduser() / "data"
+
+
+def download_gsm8k(split: str, dest: Path) -> None:
+    url = GSM8K_URL.format(commit=GSM8K_COMMIT, split=split)
+    with urllib.request.urlopen(url, timeout=60) as response:
+        body = response.read()
+    if hashlib.sha256(body).hexdigest() != GSM8K_SHA256[split]:
+        raise ValueError(f"{url}: downloaded file does not match the pinned sha256 {GSM8K_SHA256[split]}")
+    write_atomic(dest, body)
+
+
+def download_arc_challenge(split: str, dest: Path) -> None:
+    """Page through the Hub's dataset-viewer API and store the rows as jsonl in the Hugging Face layout."""
+    lines = []
+    while len(lines) < ARC_SIZES[split]:
+        query = urllib.parse.urlencode({"dataset": "allenai/ai2_arc", "config": "ARC-Challenge", "split": split,
+                                        "offset": len(lines), "length": ARC_PAGE})
+        with urllib.request.urlopen(ARC_ROWS_URL.format(query=query), timeout=60) as response:
+            page = json.load(response)
+        if not page.get("rows"):
+            break
+        for row in page["rows"]:
+            record = row["row"]
+            keep = {"id": record["id"], "question": record["question"], "choices": record["choices"]}
+            lines.append(json.dumps({**keep, "answerKey": record["answerKey"]}, ensure_ascii=False))
+    if len(lines) != ARC_SIZES[split]:
+        raise ValueError(f"allenai/ai2_arc ARC-Challenge {split}: got {len(lines)} rows, expected {ARC_SIZES[split]}")
+    write_atomic(dest, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def write_atomic(dest: Path, body: bytes) -> None:
+    """Write to a temporary file and rename, so an interrupted download never leaves a truncated dataset."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_bytes(body)
+    os.replace(tmp, dest)
+
+
+def resolve(name_or_path: str, split: str) -> Path:
+    """The local .jsonl file holding `split` of a named dataset or path, downloading it into the cache if needed."""
+    if name_or_path not in SPLITS:
+        path = Path(name_or_path).expanduser()
+        if name_or_path.endswith(".jsonl") or path.is_file():
+            return path
+        if path.is_dir():
+            return path / f"{split}.jsonl"
+        raise ValueError(
+            f"unknown dataset {name_or_path!r}: expected one of {', '.join(SPLITS)}, a .jsonl file, "
+            "or a directory holding {split}.jsonl"
+        )
+    if split not in SPLITS[name_or_path]:
+        raise ValueError(f"{name_or_path} has no split {split!r}: expected one of {', '.join(SPLITS[name_or_path])}")
+
+    if os.environ.get("LATRO_DATA_DIR"):
+        local = Path(os.environ["LATRO_DATA_DIR"]).expanduser() / name_or_path / f"{split}.jsonl"
+        if local.is_file():
+            return local
+    cached = cache_dir() / name_or_path / f"{split}.jsonl"
+    if cached.is_file():
+        return cached
+    download = download_gsm8k if name_or_path == "gsm8k" else download_arc_challenge
+    print(f"downloading {name_or_path} {split} into {cached}")
+    try:
+        download(split, cached)
+    except OSError as e:  # urllib's URLError and HTTPError are OSErrors
+        raise FileNotFoundError(
+            f"{name_or_path} {split}: download failed ({e}); without network, put the file at "
+            f"$LATRO_DATA_DIR/{name_or_path}/{split}.jsonl or pass a .jsonl path"
+        ) from None
+    return cached
+
+
+def load_dataset(name_or_path: str, split: str = "train", limit: int | None = None) -> list[Example]:
+    """Examples of `split` of "gsm8k", "arc_challenge", a .jsonl file, or a directory holding {split}.jsonl.
+
+    A .jsonl file is read as is (`split` is ignored). `limit` keeps the first N questions, in file order.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of questions, got {limit}")
+    return read_jsonl(resolve(name_or_path, split), limit=limit)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def plain_prompt_text(example: Example) -> str:
+    """The official code's prompt for models without a chat template (base models)."""
+    if example.task == "arc":
+        texts = [text for _, text in example.choices]
+        return f"Question: {example.question}\nOptions: {texts}\nAnswer: {GSM8K_TRIGGER}"
+    return f"{example.question}\n{GSM8K_TRIGGER}"
+
+
+def chat_prompt_text(tokenizer, example: Example) -> str:
+    """The text the model sees: the user message in the model's chat template, ending with the assistant header."""
+    if not getattr(tokenizer, "chat_template", None):
+        return plain_prompt_text(example)
+    messages = [{"role": "user", "content": example.prompt_text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def chat_prompt(tokenizer, example: Example) -> list[int]:
+    """Token ids of the prompt x. The tokenizer adds BOS unless the rendered template already starts with it."""
+    return tokenizer.encode(chat_prompt_text(tokenizer, example), add_special_tokens=True)
