@@ -1,0 +1,607 @@
+"""Zero-shot evaluation on GSM8K and ARC-Challenge with the LaTRO paper's protocol.
+
+The protocol (paper §5 and the official scripts/evaluation.py):
+  - the question in the model's chat template, with the chain-of-thought trigger (data.py);
+  - greedy decoding, up to 500 new tokens, stopping at the model's end-of-turn token;
+  - the model writes its own "The answer is ..."; we extract the answer from the text and compare it with the gold.
+Optionally, K sampled rationales per question give self-consistency: maj@K (majority vote over the K extracted
+answers, the paper's "maj@8" at T = 1) and pass@K (any of the K is right). The official repo has no code for these.
+
+Answer extraction, and how it differs from the official eval_utils.py:
+  - GSM8K: the first number after the LAST "The answer is", else the last number in the text. The official code
+    matches "The answer is" case-sensitively with the regex -?[\\d,]*\\.?\\d+; we match it in any case, read "1,080"
+    as one number but "1,2,3" as three, and do not read the "-" of "5-3" as a sign. `official_correct` keeps the
+    official rule, so both accuracies are reported.
+  - ARC: the official code lower-cases the text, takes the sentence holding "the answer is" (or else the last
+    "."-separated fragment) and counts it right when the gold option text is a substring of it. Option texts that
+    end with "." ("Planetary days will become shorter.") can then never match, and a span that names two options is
+    right whenever one of them is the gold. We instead map the answer span to ONE option - by its exact text, then
+    by its label ("(C)", "C.", "option C"), then by the option text inside it - and compare labels.
+
+Usage:
+    python eval.py --model smollm2-135m --dataset gsm8k --limit 100
+    python eval.py --model out/latro/final --dataset arc_challenge --samples 8 --temperature 1.0
+    torchrun --nproc_per_node 8 eval.py --model llama-3.1-8b --dataset gsm8k
+    python eval.py --compare runs/eval/base.jsonl runs/eval/trained.jsonl
+
+Results go to a JSONL file (one line per question, appended after every batch, so an interrupted run resumes where
+it stopped) and a summary JSON next to it. train.py calls `evaluate()` directly on the model in memory.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import data
+from model import generate, load
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Answer extraction
+
+# A number: "1,080" (thousands separators only in groups of three), "18", "3.5", ".5". A "-" is a sign only when it
+# does not follow a word or a closing bracket, so "5-3" is two numbers, "x = -3" is one.
+NUMBER = re.compile(r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+(?![\d,])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+OFFICIAL_NUMBER = re.compile(r"-?[\d,]*\.?\d+")  # the official eval_utils.py regex, for official_correct
+ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
+ANSWER_MARK = re.compile(r"\banswer\s*(?:is\b|:)", re.IGNORECASE)  # ARC: also "The correct answer is", "Answer:"
+
+
+def canonical_number(text: str) -> str:
+    """'1,080' -> '1080', '18.00' -> '18', '-0.50' -> '-0.5': one spelling per value, so majority votes agree."""
+    text = text.replace(",", "")
+    if "." not in text:
+        return str(int(text))
+    value = float(text)
+    return str(int(value)) if value.is_integer() else repr(round(value, 6))
+
+
+def extract_number(text: str) -> str | None:
+    """The GSM8K answer in a rationale: the first number after the last "The answer is", else the last number."""
+    text = text.replace("\u2212", "-")  # typographic minus
+    answer_is = list(ANSWER_IS.finditer(text))
+    if answer_is:
+        after = NUMBER.findall(text[answer_is[-1].end():])
+        if after:
+            return canonical_number(after[0])
+    numbers = NUMBER.findall(text)
+    return canonical_number(numbers[-1]) if numbers else None
+
+
+def same_number(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-6)
+
+
+def normalize(text: str) -> str:
+    """Lower case, straight quotes, single spaces, no punctuation or markdown at either end."""
+    text = text.lower().replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"')
+    return " ".join(text.split()).strip(" .,:;!?'\"`*()[]{}")
+
+
+# How a span may name an option by its label: "(C)", "[c]", "C)", "C.", "C:", "C" alone, "option C", or a capital
+# B-Z starting the span ("C because ..."). A capital A followed by a word is left alone: it is usually the article
+# ("A solid turns into a liquid"), not option A.
+LABEL_PATTERNS = [
+    re.compile(r"^[(\[]([A-Za-z0-9])[)\]]"),
+    re.compile(r"^([A-Z0-9])[).:](?!\d)"),
+    re.compile(r"^([A-Za-z0-9])$"),
+    re.compile(r"\b(?:option|choice)\s*[(\[]?([A-Za-z0-9])\b", re.IGNORECASE),
+    re.compile(r"^([B-Z])\b(?![.,]\d)"),
+]
+
+
+def match_option(span: str, choices: list[tuple[str, str]]) -> str | None:
+    """The label of the one option `span` names, or None."""
+    span = span.strip().strip("*_`\"' ").strip()
+    labels = [label for label, _ in choices]
+    wanted = normalize(span)
+    # 1. The option's exact text, possibly after its label: "Planetary days will become shorter." or "C. Planetary...".
+    for label, text in choices:  # same case first: genetics options can differ only in case ("Rr", "rr", "RR")
+        if span.rstrip(".") == text.rstrip("."):
+            return label
+    for label, text in choices:
+        if wanted == normalize(text):
+            return label
+    for pattern in LABEL_PATTERNS[:2]:
+        m = pattern.match(span)
+        label = m.group(1).upper() if m else None
+        if label in labels and normalize(span[m.end():]) == normalize(dict(choices)[label]):
+            return label
+    # 2. The label alone.
+    for pattern in LABEL_PATTERNS:
+        m = pattern.search(span)
+        if m and m.group(1).upper() in labels:
+            return m.group(1).upper()
+    # 3. An option's text inside the span ("Planetary days will become shorter, because ..."); the earliest wins, and
+    # at the same place the longest ("salt water" over "water").
+    found = []
+    for label, text in choices:
+        m = find_words(normalize(text), wanted)
+        if m:
+            found.append((m.start(), -len(normalize(text)), label))
+    if found:
+        return min(found)[2]
+    # 4. The span inside exactly one option's text (the model shortened it: "days will become shorter").
+    if len(wanted) >= 3:
+        inside = [label for label, text in choices if find_words(wanted, normalize(text))]
+        if len(inside) == 1:
+            return inside[0]
+    return None
+
+
+def find_words(phrase: str, text: str):
+    """Where `phrase` occurs in `text` as whole words (option "4" is not in "14 legs"), or None."""
+    return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) if phrase else None
+
+
+def answer_spans(text: str) -> list[str]:
+    """Where the chosen option should be: after the last "answer is" or "Answer:" (to the end of that line, or the
+    next line if that is empty), then the last non-empty line."""
+    spans = []
+    marks = list(ANSWER_MARK.finditer(text))
+    if marks:
+        rest = text[marks[-1].end():].lstrip(" \t:*")
+        lines = [line for line in rest.split("\n") if line.strip(" \t:*")]
+        if lines:
+            spans.append(lines[0])
+    lines = [line for line in text.split("\n") if line.strip()]
+    if lines:
+        spans.append(lines[-1])
+    return spans
+
+
+def extract_choice(text: str, choices: list[tuple[str, str]]) -> str | None:
+    """The label of the ARC option the rationale settles on, or None."""
+    for span in answer_spans(text):
+        label = match_option(span, choices)
+        if label is not None:
+            return label
+    return None
+
+
+def extract_answer(example: data.Example, text: str) -> str | None:
+    """GSM8K: the canonical number; ARC: the chosen option's label."""
+    return extract_choice(text, example.choices) if example.task == "arc" else extract_number(text)
+
+
+def gold(example: data.Example) -> str:
+    return example.label if example.task == "arc" else canonical_number(example.answer)
+
+
+def is_correct(example: data.Example, answer: str | None) -> bool:
+    if example.task == "arc":
+        return answer is not None and answer == example.label
+    return same_number(answer, example.answer)
+
+
+def official_correct(example: data.Example, text: str) -> bool:
+    """The official eval_utils.py verdict (its rules as summarised above), reported next to ours so that numbers can
+    be compared with the paper's."""
+    if example.task == "gsm8k":
+        after = OFFICIAL_NUMBER.findall(text.split("The answer is")[-1]) if "The answer is" in text else []
+        numbers = after[:1] or OFFICIAL_NUMBER.findall(text)[-1:]
+        return bool(numbers) and float(numbers[0].replace(",", "")) == float(example.answer)
+    text, target = text.lower(), example.answer.lower()
+    if "the answer is" in text:
+        sentence = next(s for s in text.split(".") if "the answer is" in s)
+        span = re.sub(r"[:\"'\[\]()]", "", sentence.split("the answer is", 1)[1])
+    else:
+        span = text.split(".")[-1]
+    return target in span
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Scores
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """The most common extracted answer; ties go to the one seen first; unanswered samples do not vote."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return None
+    best = max(votes.values())
+    return next(a for a in answers if votes.get(a) == best)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% confidence interval for a proportion; unlike p ± 1.96·se it stays inside [0, 1] and works at p = 0 or 1."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def score(correct: int, n: int) -> dict:
+    low, high = wilson_interval(correct, n)
+    return {"correct": correct, "n": n, "accuracy": correct / n if n else 0.0, "ci95": [round(low, 6), round(high, 6)]}
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracies (with 95% Wilson intervals) and token counts of a list of per-question records."""
+    n = len(records)
+    metrics = {}
+    if records and "correct" in records[0]:
+        metrics["greedy"] = score(sum(r["correct"] for r in records), n)
+        metrics["greedy_official"] = score(sum(r["official_correct"] for r in records), n)
+    if records and "maj_correct" in records[0]:
+        k = len(records[0]["sample_answers"])
+        metrics[f"maj@{k}"] = score(sum(r["maj_correct"] for r in records), n)
+        metrics[f"pass@{k}"] = score(sum(r["pass_correct"] for r in records), n)
+    headline = metrics["greedy"] if "greedy" in metrics else next(iter(metrics.values()), score(0, 0))
+    return {
+        "n": n,
+        "accuracy": headline["accuracy"],
+        "ci95": headline["ci95"],
+        "metrics": metrics,
+        "no_answer": sum(r.get("answer", "") is None for r in records),
+        "unfinished": sum(not r.get("finished", True) for r in records),  # greedy rationales cut at max_new_tokens
+        "generated_tokens": sum(r.get("tokens", 0) + sum(r.get("sample_tokens", [])) for r in records),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Running the model
+
+
+def decode_rationale(tokenizer, ids: list[int], stop_ids: set[int]) -> tuple[str, bool]:
+    """The generated text without its end-of-turn token, and whether it ended on its own (not at the length cap)."""
+    finished = bool(ids) and ids[-1] in stop_ids
+    return tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True), finished
+
+
+def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, temperature, top_p, seed) -> list[dict]:
+    """One batch of questions: a greedy rationale each and/or `samples` sampled ones; one record per question."""
+    prompts = [data.chat_prompt(tokenizer, ex) for ex in examples]
+    stop_ids = set(model.args.eos_token_ids)
+    records = [{"id": ex.id, "prompt": tokenizer.decode(p), "gold": gold(ex)} for ex, p in zip(examples, prompts)]
+    for ex, record in zip(examples, records):
+        if ex.task == "arc":
+            record["gold_text"] = ex.answer
+    if greedy:
+        outputs = generate(model, prompts, max_new_tokens, temperature=0.0)
+        for ex, record, ids in zip(examples, records, outputs):
+            text, finished = decode_rationale(tokenizer, ids, stop_ids)
+            answer = extract_answer(ex, text)
+            record |= {"rationale": text, "answer": answer, "correct": is_correct(ex, answer),
+                       "official_correct": official_correct(ex, text), "tokens": len(ids), "finished": finished}
+    if samples:
+        outputs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                           num_samples=samples, seed=seed)
+        for i, (ex, record) in enumerate(zip(examples, records)):
+            texts = [decode_rationale(tokenizer, ids, stop_ids)[0] for ids in outputs[i * samples:(i + 1) * samples]]
+            answers = [extract_answer(ex, t) for t in texts]
+            vote = majority(answers)
+            record |= {"sample_rationales": texts, "sample_answers": answers,
+                       "sample_correct": [is_correct(ex, a) for a in answers],
+                       "sample_tokens": [len(ids) for ids in outputs[i * samples:(i + 1) * samples]],
+                       "maj_answer": vote, "maj_correct": is_correct(ex, vote),
+                       "pass_correct": any(is_correct(ex, a) for a in answers)}
+    return records
+
+
+def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samples=0, temperature=1.0, top_p=1.0,
+             seed=0, greedy=True, on_records=None):
+    """Evaluates `model` on `examples`; returns (records in question order, summary). No file I/O.
+
+    greedy: one greedy rationale per question (the paper's main numbers). samples: K sampled rationales per question
+    at `temperature` for maj@K and pass@K (0 = none). When torch.distributed is initialised, each round of
+    world_size × batch_size questions is split across ranks and the records are gathered, so every rank returns the
+    same result as a single process would. The batch starting at question i samples with seed + i, so sampled
+    results do not depend on the number of processes. on_records(new_records) is called on every rank after each
+    round, in question order (the CLI appends them to its results file).
+    """
+    if not greedy and not samples:
+        raise ValueError("evaluate: nothing to do (greedy=False and samples=0)")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    was_training = model.training
+    model.eval()
+    start_time, records = time.time(), []
+    for start in range(0, len(examples), batch_size * world):
+        first = start + rank * batch_size
+        mine = examples[first:first + batch_size]
+        new = evaluate_batch(model, tokenizer, mine, max_new_tokens, greedy, samples, temperature, top_p,
+                             seed + first) if mine else []
+        if distributed:  # every rank joins every round, even with no questions left, so the gather cannot hang
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, new)
+            new = [r for part in gathered for r in part]
+        records += new
+        if on_records is not None:
+            on_records(new)
+    model.train(was_training)
+    seconds = time.time() - start_time
+    summary = summarize(records)
+    summary |= {"seconds": seconds, "tokens_per_s": summary["generated_tokens"] / max(seconds, 1e-9)}
+    return records, summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Result files
+
+
+def summary_path(out: Path) -> Path:
+    return out.with_name(out.name[: -len(".jsonl")] + ".summary.json")
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of a results file. A last line cut off mid-write (no newline, not JSON) is ignored."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the torn last line of an interrupted run
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON; expected one result record per line") from None
+        if not isinstance(record, dict) or "id" not in record:
+            raise ValueError(f"{path}:{number}: expected a result record with an 'id'")
+        records.append(record)
+    return records
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written summary."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
+    """Ids of the questions already in `out`. Refuses (ValueError) a file written with other settings."""
+    summary_file = summary_path(out)
+    if overwrite and out.exists():
+        for path in (out, summary_file):
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".bak"))  # kept, not deleted: --overwrite can be a typo
+        print(f"--overwrite: moved the previous results to {out}.bak")
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(summary_file, {"settings": settings, "complete": False})  # settings first: a crash
+        out.touch()                                                                    # leaves a resumable pair
+        return set()
+    if not summary_file.exists():
+        raise ValueError(f"{out} exists but {summary_file} does not, so its settings are unknown; "
+                         "choose another --out or pass --overwrite")
+    try:
+        previous = json.loads(summary_file.read_text()).get("settings") or {}
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{summary_file}: not a summary written by eval.py; "
+                         "choose another --out or pass --overwrite") from None
+    if previous != settings:
+        differ = ", ".join(f"{k}: {previous.get(k)!r} there, {v!r} now"
+                           for k, v in settings.items() if previous.get(k) != v)
+        raise ValueError(f"{out} was written with different settings ({differ}); "
+                         "choose another --out or pass --overwrite")
+    with open(out, "rb+") as f:  # drop a torn last line, so the next append starts on a fresh line
+        body = f.read()
+        if body and not body.endswith(b"\n"):
+            f.truncate(body.rfind(b"\n") + 1)
+    return {r["id"] for r in read_records(out)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Comparing two runs
+
+
+def compare(path_a: str, path_b: str) -> str:
+    """Paired comparison of two result files on their common questions (e.g. base model vs LaTRO-trained)."""
+    runs = []
+    for path in (path_a, path_b):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such results file")
+        runs.append({r["id"]: r for r in read_records(Path(path))})
+    a, b = runs
+    ids = [i for i in a if i in b]
+    if not ids:
+        raise ValueError(f"{path_a} and {path_b} have no question ids in common")
+    key = "correct" if all("correct" in a[i] and "correct" in b[i] for i in ids) else "maj_correct"
+    right_a = sum(bool(a[i][key]) for i in ids)
+    right_b = sum(bool(b[i][key]) for i in ids)
+    gained = sum(not a[i][key] and bool(b[i][key]) for i in ids)  # wrong in A, right in B
+    lost = sum(bool(a[i][key]) and not b[i][key] for i in ids)
+    n, flips = len(ids), gained + lost
+    # McNemar's exact test: only the questions that flipped carry information; under "no difference" each flip is a
+    # fair coin, so the p-value is a two-sided binomial tail.
+    p = min(1.0, 2 * sum(math.comb(flips, k) for k in range(min(gained, lost) + 1)) / 2**flips) if flips else 1.0
+    diff = (gained - lost) / n
+    se = math.sqrt(max(flips - (gained - lost) ** 2 / n, 0.0)) / n  # paired standard error of the difference
+    return "\n".join([
+        f"{n} questions in common ({key})",
+        f"  A {path_a}: {right_a}/{n} = {right_a / n:.1%}",
+        f"  B {path_b}: {right_b}/{n} = {right_b / n:.1%}",
+        f"  B - A: {diff:+.1%} (95% CI {diff - 1.96 * se:+.1%} to {diff + 1.96 * se:+.1%}, paired)",
+        f"  flipped: {gained} wrong->right, {lost} right->wrong, {n - flips} unchanged",
+        f"  McNemar exact test on the {flips} flips: p = {p:.3g}"
+        + (" (no evidence of a difference at 5%)" if p >= 0.05 else " (significant at 5%)"),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Command line
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Zero-shot CoT evaluation (greedy, maj@K, pass@K) with the LaTRO protocol.")
+    p.add_argument("--model", help="model directory, Hugging Face hub id, or alias (e.g. smollm2-135m)")
+    p.add_argument("--dataset", help="gsm8k, arc_challenge, a .jsonl file, or a directory holding {split}.jsonl")
+    p.add_argument("--split", default="test", help="dataset split (default: test)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="rationale length cap (paper: 500)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per generate() call, per process")
+    p.add_argument("--samples", type=int, default=0, help="K sampled rationales per question for maj@K and pass@K")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples (paper: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for --samples (paper: 1.0, i.e. off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for --samples")
+    p.add_argument("--no-greedy", action="store_true", help="with --samples: skip the greedy pass")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--out", help="results .jsonl (default: runs/eval/<model>-<dataset>-<split>[-k<K>-t<T>].jsonl); "
+                                 "a summary .summary.json is written next to it")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --out exists (old files kept as .bak)")
+    p.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
+                   help="paired comparison of two result files instead of evaluating")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    if args.compare:
+        return
+    for flag in ("model", "dataset"):
+        if not getattr(args, flag):
+            raise ValueError(f"--{flag} is required (or use --compare A.jsonl B.jsonl)")
+    for flag in ("limit", "max_new_tokens", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    if args.samples < 0:
+        raise ValueError(f"--samples must be 0 (greedy only) or a positive number of samples, got {args.samples}")
+    if args.samples and not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 with --samples, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.no_greedy and not args.samples:
+        raise ValueError("--no-greedy needs --samples K (otherwise there is nothing to evaluate)")
+    if args.out and not args.out.endswith(".jsonl"):
+        raise ValueError(f"--out must end with .jsonl, got {args.out}")
+
+
+def run_settings(args) -> dict:
+    """What must match for a results file to be resumed. Batch size and device are left out: they change no answers
+    (up to floating-point noise)."""
+    is_file = args.dataset.endswith(".jsonl") or Path(args.dataset).is_file()
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.samples else {}
+    return {"model": args.model, "dataset": args.dataset, "split": None if is_file else args.split,
+            "max_new_tokens": args.max_new_tokens, "greedy": not args.no_greedy, "samples": args.samples} | sampling
+
+
+def default_out(args) -> Path:
+    model_name = Path(args.model.rstrip("/")).name
+    dataset_name = Path(args.dataset).stem if args.dataset.endswith(".jsonl") else Path(args.dataset.rstrip("/")).name
+    split = "" if args.dataset.endswith(".jsonl") else f"-{args.split}"
+    sampled = f"-k{args.samples}-t{args.temperature:g}" if args.samples else ""
+    return Path("runs/eval") / f"{model_name}-{dataset_name}{split}{sampled}.jsonl"
+
+
+def setup_distributed(device_flag):
+    """torchrun sets WORLD_SIZE; a plain `python eval.py` runs as one process and never touches torch.distributed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and not (device_flag or "").startswith("cpu")
+    device = device_flag or (f"cuda:{local_rank}" if cuda and world > 1 else ("cuda" if cuda else "cpu"))
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(torch.device(device))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        check_args(args)
+        if args.compare:
+            print(compare(*args.compare))
+            return 0
+        return run(args, rank)
+    except (ValueError, FileNotFoundError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run(args, rank) -> int:
+    examples = data.load_dataset(args.dataset, args.split, args.limit)
+    out = Path(args.out) if args.out else default_out(args)
+    settings = run_settings(args)
+    device = setup_distributed(args.device)
+    distributed = torch.distributed.is_initialized()
+
+    # Rank 0 owns the files. It tells the other ranks which questions are done, or the error that stops everyone.
+    message = [None, set()]
+    if rank == 0:
+        try:
+            message = [None, prepare_output(out, settings, args.overwrite)]
+        except (ValueError, OSError) as e:  # reported by every rank below, so none waits forever
+            message = [str(e), set()]
+    if distributed:
+        torch.distributed.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise ValueError(message[0])
+    done = message[1]
+    pending = [ex for ex in examples if ex.id not in done]
+    summary_file = summary_path(out)
+
+    def log(text):
+        if rank == 0:
+            print(text, flush=True)
+
+    log(f"{args.model} on {args.dataset} ({settings['split'] or 'file'}): {len(examples)} questions, "
+        f"{len(examples) - len(pending)} already in {out}, {len(pending)} to go")
+    if pending:
+        model, tokenizer = load(args.model, device=device)
+        start, counts = time.time(), {"done": len(examples) - len(pending), "new_tokens": 0}
+        previous = read_records(out) if rank == 0 else []  # for the running accuracy
+
+        def on_records(new):
+            if rank != 0:
+                return
+            with open(out, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+                f.flush()
+            previous.extend(new)
+            counts["done"] += len(new)
+            counts["new_tokens"] += summarize(new)["generated_tokens"]
+            running = summarize(previous)
+            elapsed = time.time() - start
+            log(f"  {counts['done']}/{len(examples)} | accuracy {running['accuracy']:.1%} | "
+                f"{counts['new_tokens'] / elapsed:.0f} tok/s | {elapsed:.0f}s")
+            write_json_atomic(summary_file, {"settings": settings, "complete": False, **running})
+
+        _, run_summary = evaluate(model, tokenizer, pending, args.max_new_tokens, args.batch_size, args.samples,
+                                  args.temperature, args.top_p, args.seed, greedy=not args.no_greedy,
+                                  on_records=on_records)
+    if rank != 0:
+        return 0
+
+    records = read_records(out)
+    in_file = {r["id"] for r in records}
+    summary = {
+        "model": args.model, "dataset": args.dataset, "split": settings["split"], "settings": settings,
+        "complete": all(ex.id in in_file for ex in examples), "out": str(out),
+    } | summarize(records)
+    if pending:  # speed of this invocation (a resumed run reports only its own part)
+        summary |= {"new_questions": len(pending), "seconds": round(run_summary["seconds"], 3),
+                    "tokens_per_s": round(run_summary["tokens_per_s"], 1), "batch_size": args.batch_size,
+                    "world_size": torch.distributed.get_world_size() if distributed else 1}
+        write_json_atomic(summary_file, summary)
+    elif json.loads(summary_file.read_text()).get("complete") is not True:
+        write_json_atomic(summary_file, summary)  # finished earlier but the final summary was never written
+    for name, m in summary["metrics"].items():
+        log(f"{name:>16}: {m['correct']}/{m['n']} = {m['accuracy']:.1%} "
+            f"(95% CI {m['ci95'][0]:.1%}-{m['ci95'][1]:.1%})")
+    log(f"results: {out}\nsummary: {summary_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""eval.py: answer extraction on realistic outputs, scores, and the CLI end to end on a tiny random model.
+
+Tiny random models write gibberish, so their accuracy is ~0; the end-to-end tests check plumbing (files, resume,
+settings checks, the distributed gather), and `evaluate` is also run with a scripted generate() to check scoring.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data
+import eval as ev
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GSM8K extraction
+
+GSM8K_CASES = [
+    # (model output, extracted answer)
+    ("Janet sells 16 - 3 - 4 = 9 duck eggs a day. She makes 9 * 2 = $18 every day. The answer is 18.", "18"),
+    ("She earns 12 * 90 = 1,080 dollars. The answer is $1,080.", "1080"),
+    ("The total is 1080.00 dollars.\nThe answer is 1,080.00", "1080"),
+    ("The temperature falls by 8 degrees, so 5 - 8 = -3.\nThe answer is: -3 degrees", "-3"),
+    ("She has 5-3 = 2 apples left", "2"),  # no marker: the last number; "-3" in "5-3" is not a sign
+    ("The answer is 18. Let me double-check: 9 * 2 = 18, and 20 - 2 = 18, so 20 was wrong.", "18"),
+    ("The answer is 10. Wait, I forgot the tax. 10 + 2 = 12. The answer is 12.", "12"),  # the LAST marker
+    ("First 3 + 4 = 7, so the answer is 7 cookies. Check: 7 + 1 = 8.", "7"),  # any case
+    ("Therefore, The answer is **42**.", "42"),
+    ("Adding them gives $\\boxed{72}$", "72"),
+    ("She pays 0.5 * 8 = 4 dollars. So 4.", "4"),  # trailing period
+    ("Each gets .5 of the pie", "0.5"),
+    ("The answer is 3.50 dollars per pound.", "3.5"),
+    ("I am not sure how to solve this.", None),
+    ("The answer is twelve, since 3 * 4 = 12", "3"),  # the first number after the marker, as the official code
+    ("The city has 1,234,567 people.", "1234567"),
+    ("We add the items 1,2,3", "3"),  # "1,2,3" is a list, not one thousand-separated number
+    ("It is \u22125 degrees outside.", "-5"),  # typographic minus
+    ("The answer is 10%.", "10"),
+    ("Natalia sold 48+24 = 72 clips.\n#### 72", "72"),
+    ("It costs $12.50 per hour; for 2 hours that is $25.", "25"),
+    ("The answer is -0.25", "-0.25"),
+    ("The temperature went from 5 to -2", "-2"),
+    ("The answer is 18.\n\nThe answer is 18.", "18"),
+    ("Step 1: 48 / 2 = 24.\nStep 2: 48 + 24 = 72.\n\nThe answer is: 72", "72"),
+]
+
+
+@pytest.mark.parametrize("text, expected", GSM8K_CASES)
+def test_extract_number(text, expected):
+    assert ev.extract_number(text) == expected
+
+
+def gsm8k(answer):
+    return data.gsm8k_example("q", "How many?", f"Work.\n#### {answer}")
+
+
+def test_gsm8k_correct_is_numeric():
+    assert ev.is_correct(gsm8k("1,080"), "1080")
+    assert ev.is_correct(gsm8k("18"), ev.extract_number("The answer is 18.00"))
+    assert ev.is_correct(gsm8k("-3"), "-3")
+    assert not ev.is_correct(gsm8k("18"), "18.5")
+    assert not ev.is_correct(gsm8k("18"), None)
+
+
+# The official rule (case-sensitive "The answer is", regex -?[\d,]*\.?\d+) next to ours: where they agree and differ.
+OFFICIAL_GSM8K_CASES = [
+    # (output, gold, official verdict, our verdict)
+    ("9 * 2 = 18. The answer is 18.", "18", True, True),
+    ("The answer is $1,080.", "1,080", True, True),
+    ("So the answer is 7. Check: 7 + 1 = 8.", "7", False, True),  # official: no exact-case marker -> last number 8
+    ("We add the items 1,2,3", "3", False, True),  # official reads "1,2,3" as 123
+    ("The answer is 18. Also 20.", "18", True, True),
+    ("no numbers here", "5", False, False),
+]
+
+
+@pytest.mark.parametrize("text, answer, official, ours", OFFICIAL_GSM8K_CASES)
+def test_official_gsm8k_rule(text, answer, official, ours):
+    example = gsm8k(answer)
+    assert ev.official_correct(example, text) is official
+    assert ev.is_correct(example, ev.extract_answer(example, text)) is ours
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ARC extraction
+
+PLANET = [("A", "Planetary density will decrease."), ("B", "Planetary years will become longer."),
+          ("C", "Planetary days will become shorter."), ("D", "Planetary gravity will become stronger.")]
+SPEEDS = [("1", "2.5 m/s"), ("2", "5 m/s"), ("3", "10 m/s"), ("4", "20 m/s")]
+LEGS = [("A", "4"), ("B", "8"), ("C", "14"), ("D", "16")]
+STATES = [("A", "a solid"), ("B", "a liquid"), ("C", "a gas"), ("D", "a plasma")]
+FIVE = [("A", "iron"), ("B", "copper"), ("C", "glass"), ("D", "aluminum"), ("E", "wood")]
+THREE = [("A", "salt water"), ("B", "water"), ("C", "oil")]
+
+ARC_CASES = [
+    # (options, model output, extracted label)
+    (PLANET, "Faster rotation means a shorter day. The answer is Planetary days will become shorter.", "C"),
+    (PLANET, "The answer is: Planetary days will become shorter", "C"),
+    (PLANET, "Days get shorter. The answer is (C).", "C"),
+    (PLANET, "The answer is C.", "C"),
+    (PLANET, "The answer is C) Planetary days will become shorter.", "C"),
+    (PLANET, "Thus the answer is option C.", "C"),
+    (PLANET, "**The answer is 'Planetary days will become shorter.'**", "C"),
+    (PLANET, "Therefore, the correct answer is: planetary days will become shorter, because it spins faster.", "C"),
+    (PLANET, "I will print my answer like 'The answer is (one of the options)'.", None),
+    (PLANET, "I must end with 'The answer is (one of the options)'.\nThe answer is Planetary days will become shorter.",
+     "C"),  # the LAST marker
+    (PLANET, "The planet spins faster.\nPlanetary days will become shorter.", "C"),  # no marker: the last line
+    (PLANET, "So the days get shorter.\nC", "C"),
+    (PLANET, "**Answer:** B", "B"),
+    (PLANET, "The answer is:\n\nPlanetary days will become shorter.", "C"),  # the answer on the next line
+    (PLANET, "The answer is days will become shorter", "C"),  # shortened, but inside only one option
+    (PLANET, "\u00e9\u00e9 clips ali milesabber", None),  # what a tiny random model writes
+    (PLANET, "The answer is [Planetary days will become shorter.]", "C"),
+    (PLANET, "The answer is \u201cPlanetary days will become shorter.\u201d", "C"),  # curly quotes
+    (PLANET, "the answer is c", "C"),
+    (PLANET, "The answer is C because the day is the time of one rotation.", "C"),
+    (PLANET, "The answer is A.", "A"),
+    (SPEEDS, "It moves 10 m in 2 s. The answer is 5 m/s.", "2"),  # exact option text beats the substring in 2.5 m/s
+    (SPEEDS, "The answer is 2.5 m/s because it is slowest.", "1"),
+    (SPEEDS, "The answer is 3.", "3"),  # numeric label
+    (LEGS, "A spider has 8 legs. The answer is 14.", "C"),
+    (LEGS, "The answer is 14 legs in total", "C"),  # option "4" is not inside "14"
+    (STATES, "Ice melts into water. The answer is A liquid.", "B"),  # "A" here is the article, not option A
+    (FIVE, "Wood does not conduct. The answer is (E).", "E"),
+    (FIVE, "The answer is E: wood", "E"),
+    (THREE, "The answer is D", None),  # no option D among three
+    ([("A", "R"), ("B", "rr"), ("C", "Rr"), ("D", "RR")], "The offspring are all Rr. The answer is Rr.", "C"),
+    (THREE, "Oil floats. The answer is salt water.", "A"),  # the longer option text wins at the same place
+    (THREE, "Pure water is the answer.\nThe answer is water.", "B"),
+]
+
+
+@pytest.mark.parametrize("choices, text, expected", ARC_CASES)
+def test_extract_choice(choices, text, expected):
+    assert ev.extract_choice(text, choices) == expected
+
+
+def arc(choices, label):
+    return data.arc_example("q", "Which?", choices, label)
+
+
+# The official ARC rule: lower-case; in the sentence with "the answer is" (or else the last "."-separated fragment),
+# strip : " ' [ ] ( ) and count it right if the gold option text is a substring.
+OFFICIAL_ARC_CASES = [
+    # (options, gold label, output, official verdict, our verdict)
+    (THREE, "C", "The answer is (oil). Oil floats on water.", True, True),
+    (THREE, "C", "Oil floats, so I pick oil", True, True),  # no marker: the last fragment
+    (THREE, "C", "Oil floats, so I pick oil.", False, True),  # ... which is empty after a final period
+    (THREE, "C", "The answer is 'water' or 'oil'.", True, False),  # official: any substring; ours: the first named
+    (PLANET, "C", "The answer is: Planetary days will become shorter.", False, True),  # gold ends in "."
+    (THREE, "B", "The answer is salt water.", True, False),  # "water" is inside "salt water"
+]
+
+
+@pytest.mark.parametrize("choices, label, text, official, ours", OFFICIAL_ARC_CASES)
+def test_official_arc_rule(choices, label, text, official, ours):
+    example = arc(choices, label)
+    assert ev.official_correct(example, text) is official
+    assert ev.is_correct(example, ev.extract_answer(example, text)) is ours
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scores
+
+
+def test_majority_vote():
+    assert ev.majority(["18", "20", "18", None]) == "18"
+    assert ev.majority(["20", "18", "18", "20"]) == "20"  # a tie goes to the answer seen first
+    assert ev.majority([None, None]) is None
+
+
+def test_wilson_interval():
+    low, high = ev.wilson_interval(50, 100)
+    assert abs(low - 0.4038) < 1e-4 and abs(high - 0.5962) < 1e-4
+    low, high = ev.wilson_interval(0, 5)
+    assert low == pytest.approx(0.0, abs=1e-12) and abs(high - 0.4345) < 1e-4
+    low, high = ev.wilson_interval(5, 5)
+    assert abs(low - 0.5655) < 1e-4 and high == pytest.approx(1.0)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+GSM8K_RECORDS = [
+    {"question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
+     "answer": "In May she sold 48/2 = <<48/2=24>>24.\nIn total 48+24 = <<48+24=72>>72.\n#### 72"},
+    {"question": "Weng earns $12 an hour. She worked 50 minutes. How much did she earn?",
+     "answer": "12/60 = $<<12/60=0.2>>0.2 per minute.\n0.2 x 50 = $<<0.2*50=10>>10.\n#### 10"},
+    {"question": "A shop sells 1,080 pens a week. How many in 2 weeks?", "answer": "1,080*2=2,160\n#### 2,160"},
+    {"question": "Betty has 5 dollars and spends 8. What is her balance?", "answer": "5-8=-3\n#### -3"},
+    {"question": "There are 3 boxes of 6 eggs. How many eggs?", "answer": "3*6=<<3*6=18>>18\n#### 18"},
+]
+
+
+class ScriptedGenerate:
+    """Stands in for model.generate: the n-th call returns the n-th list of texts (one per row), each ending with
+    the end-of-turn token, and records how it was called."""
+
+    def __init__(self, tokenizer, script):
+        self.tokenizer, self.script, self.calls = tokenizer, script, []
+
+    def __call__(self, model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, num_samples=1, seed=None, **_):
+        texts = self.script[len(self.calls)]
+        self.calls.append((len(prompts), num_samples, temperature, seed))
+        assert len(texts) == len(prompts) * num_samples
+        return [self.tokenizer.encode(t, add_special_tokens=False) + [self.tokenizer.eos_ids[0]] for t in texts]
+
+
+def test_evaluate_scores_greedy_and_samples(tiny_llama_dir, tmp_path, monkeypatch):
+    from model import load
+
+    model, tokenizer = load(tiny_llama_dir)
+    examples = data.read_jsonl(write_jsonl(tmp_path / "g.jsonl", GSM8K_RECORDS[:2]))  # golds 72 and 10
+    greedy = ["The answer is 72.", "She earned $10. The answer is 10."]  # both right
+    sampled = ["The answer is 72.", "The answer is 10.", "So 72",  # question 0: maj 72, right
+               "The answer is 10.", "So 72", "The answer is 72!"]  # question 1: maj 72, wrong; pass@3 right
+    fake = ScriptedGenerate(tokenizer, [greedy, sampled])
+    monkeypatch.setattr(ev, "generate", fake)
+    records, summary = ev.evaluate(model, tokenizer, examples, max_new_tokens=8, batch_size=2, samples=3,
+                                   temperature=0.7, seed=5)
+    assert fake.calls == [(2, 1, 0.0, None), (2, 3, 0.7, 5)]
+    assert [r["answer"] for r in records] == ["72", "10"]
+    assert [r["correct"] for r in records] == [True, True]
+    assert records[0]["sample_answers"] == ["72", "10", "72"] and records[0]["maj_correct"]
+    assert records[1]["sample_answers"] == ["10", "72", "72"]
+    assert records[1]["maj_answer"] == "72" and not records[1]["maj_correct"] and records[1]["pass_correct"]
+    assert all(r["finished"] for r in records) and records[0]["rationale"] == "The answer is 72."
+    m = summary["metrics"]
+    assert m["greedy"]["correct"] == 2 and m["maj@3"]["correct"] == 1 and m["pass@3"]["correct"] == 2
+    assert summary["accuracy"] == 1.0 and summary["n"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line, end to end on a tiny random model
+
+
+def run_cli(argv, capsys):
+    code = ev.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.fixture
+def five_questions(tmp_path):
+    return write_jsonl(tmp_path / "five.jsonl", GSM8K_RECORDS)
+
+
+def test_cli_writes_resumes_and_never_overwrites(tiny_llama_dir, five_questions, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "runs" / "tiny.jsonl"
+    summary_file = tmp_path / "runs" / "tiny.summary.json"
+    counting = {"prompts": 0}  # generate() calls go through, counted
+    real_generate = ev.generate
+
+    def generate(model, prompts, *args, **kwargs):
+        counting["prompts"] += len(prompts)
+        return real_generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate", generate)
+    base = ["--model", tiny_llama_dir, "--dataset", five_questions, "--out", out, "--max-new-tokens", 6,
+            "--batch-size", 2]
+
+    code, log = run_cli(base + ["--limit", 3], capsys)
+    assert code == 0, log
+    assert counting["prompts"] == 3 and len(out.read_text().splitlines()) == 3
+    assert json.loads(summary_file.read_text())["complete"] is True
+
+    code, log = run_cli(base, capsys)  # the full run only generates for the 2 new questions
+    assert code == 0, log
+    assert counting["prompts"] == 5
+    assert "3 already in" in log and "5/5" in log
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in lines] == [f"five-{i}" for i in range(5)]
+    assert [r["gold"] for r in lines] == ["72", "10", "2160", "-3", "18"]
+    assert all(1 <= r["tokens"] <= 6 for r in lines)
+    summary = json.loads(summary_file.read_text())
+    assert summary["n"] == 5 and summary["complete"] is True
+    assert summary["metrics"]["greedy"]["correct"] == sum(r["correct"] for r in lines)
+    assert summary["generated_tokens"] == sum(r["tokens"] for r in lines)
+    assert summary["settings"]["max_new_tokens"] == 6 and summary["model"] == tiny_llama_dir
+
+    before = out.read_bytes(), summary_file.read_bytes()
+    code, log = run_cli(base, capsys)  # finished: nothing generated, nothing rewritten
+    assert code == 0 and counting["prompts"] == 5
+    assert (out.read_bytes(), summary_file.read_bytes()) == before
+
+    code, log = run_cli(base[:-4] + ["--max-new-tokens", 7, "--batch-size", 2], capsys)  # other settings: refused
+    assert code == 2 and "different settings" in log and "max_new_tokens" in log
+    assert (out.read_bytes(), summary_file.read_bytes()) == before
+
+    code, log = run_cli(base + ["--overwrite"], capsys)  # starts over, keeping the old files as .bak
+    assert code == 0 and counting["prompts"] == 10
+    assert Path(f"{out}.bak").read_bytes() == before[0]
+
+
+def test_cli_resumes_after_a_torn_last_line(tiny_llama_dir, five_questions, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    base = ["--model", tiny_llama_dir, "--dataset", five_questions, "--out", out, "--max-new-tokens", 4]
+    assert run_cli(base + ["--limit", 2], capsys)[0] == 0
+    with open(out, "a") as f:
+        f.write('{"id": "five-2", "prom')  # killed mid-write
+    code, log = run_cli(base, capsys)
+    assert code == 0, log
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [f"five-{i}" for i in range(5)]
+
+
+def test_cli_bad_input(tiny_llama_dir, five_questions, tmp_path, capsys):
+    out = tmp_path / "bad.jsonl"
+    model = ["--model", tiny_llama_dir, "--out", out]
+
+    code, log = run_cli(model + ["--dataset", "gsm9k"], capsys)
+    assert code == 2 and "unknown dataset 'gsm9k'" in log and "gsm8k, arc_challenge" in log
+
+    broken = write_jsonl(tmp_path / "broken.jsonl", GSM8K_RECORDS[:2] + [{"question": "no answer field"}])
+    code, log = run_cli(model + ["--dataset", broken], capsys)
+    assert code == 2 and f"{broken}:3" in log
+
+    code, log = run_cli(model + ["--dataset", five_questions, "--limit", 0], capsys)
+    assert code == 2 and "--limit must be a positive integer" in log
+
+    code, log = run_cli(model + ["--dataset", five_questions, "--no-greedy"], capsys)
+    assert code == 2 and "--no-greedy needs --samples" in log
+
+    code, log = run_cli(["--model", tiny_llama_dir, "--dataset", five_questions, "--out", tmp_path / "x.json"], capsys)
+    assert code == 2 and "--out must end with .jsonl" in log
+
+    foreign = tmp_path / "foreign.jsonl"  # results without a summary: settings unknown, so never touched
+    foreign.write_text('{"id": "five-0"}\n')
+    code, log = run_cli(["--model", tiny_llama_dir, "--dataset", five_questions, "--out", foreign], capsys)
+    assert code == 2 and "settings are unknown" in log and foreign.read_text() == '{"id": "five-0"}\n'
+    assert not out.exists()
+
+
+def test_compare_reports_paired_flips(tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": str(i), "correct": i < 5} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": str(i), "correct": 2 <= i < 9} for i in range(10)])
+    code, report = run_cli(["--compare", a, b], capsys)
+    assert code == 0
+    assert "10 questions in common" in report
+    assert "5/10 = 50.0%" in report and "7/10 = 70.0%" in report
+    assert "4 wrong->right, 2 right->wrong, 4 unchanged" in report
+    assert "p = 0.688" in report  # two-sided exact binomial: 2 * P(X <= 2 | n=6, p=1/2) = 2 * 22/64
+
+
+def test_two_processes_equal_one(tiny_llama3_dir, five_questions, tmp_path):
+    """torchrun with 2 gloo ranks shards the questions and gathers the same file a single process writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # same threads: bitwise-equal matmuls
+    args = ["--model", tiny_llama3_dir, "--dataset", five_questions, "--max-new-tokens", 8, "--batch-size", 2,
+            "--samples", 2, "--temperature", 1.0]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    single = [sys.executable, "eval.py", *map(str, args), "--out", str(one)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "eval.py", *map(str, args), "--out", str(two)]
+    for cmd in (single, torchrun):
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert one.read_text() == two.read_text()
+    assert json.loads((tmp_path / "two.summary.json").read_text())["world_size"] == 2
