@@ -1,0 +1,198 @@
+"""train.py end to end on a tiny model: distributed equivalence, exact resume, HF-loadable checkpoints, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+
+QUESTIONS = [
+    ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = 7", "7"),
+    ("A box holds 12 pens. How many pens are in 2 boxes?", "12 * 2 = 24", "24"),
+    ("Sara had 10 dollars and spent 4. How many dollars are left?", "10 - 4 = 6", "6"),
+    ("There are 5 birds and 3 fly away. How many birds remain?", "5 - 3 = 2", "2"),
+    ("Each bag has 1,000 beads. How many beads are in 2 bags?", "1,000 * 2 = 2,000", "2,000"),
+    ("Ann reads 8 pages a day. How many pages in 3 days?", "8 * 3 = 24", "24"),
+    ("A class has 9 boys and 11 girls. How many children?", "9 + 11 = 20", "20"),
+    ("Ben splits 18 candies among 3 friends. How many each?", "18 / 3 = 6", "6"),
+]
+SMALL = ["--steps", "2", "--max-rationale-tokens", "10", "--questions-per-step", "4", "--num-samples", "3",
+         "--micro-batch-size", "5", "--lr", "1e-4", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def gsm_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": f"{r}\n#### {a}"}) + "\n" for q, r, a in QUESTIONS))
+    return str(path)
+
+
+def run(args, nproc=1, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "train.py", *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "train.py", *args]
+    p = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def weights(checkpoint):
+    return load_file(os.path.join(checkpoint, "model.safetensors"))
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_same_training(dir_a, dir_b):
+    """Weights after 2 steps agree within 1e-6, and so do the logged rewards, KL and losses of both steps (step 2
+    samples from the step-1 weights, so its metrics match only if step 1 did). Float sums in another order differ
+    by ~1e-7 relative, and Adam's update g / (|g| + eps) turns that into up to 2 * lr for the rare weight whose
+    gradient is ~0; those few weights (< 0.1%) are allowed past 1e-6, while a real bug (an unsynchronised gradient,
+    a wrong normaliser) moves most weights by ~lr = 1e-4."""
+    a, b = weights(os.path.join(dir_a, "checkpoint-000002")), weights(os.path.join(dir_b, "checkpoint-000002"))
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diffs > 1e-6).float().mean().item() < 1e-3, diffs.max().item()
+    assert diffs.max().item() < 2 * 2 * 1e-4
+    rows_a = [json.loads(line) for line in open(os.path.join(dir_a, "metrics.jsonl"))]
+    rows_b = [json.loads(line) for line in open(os.path.join(dir_b, "metrics.jsonl"))]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key in ("reward", "kl", "loss", "loss_pg", "loss_answer", "rationale_len", "stop_rate"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, tiny_llama_dir, gsm_file):
+    out = str(tmp_path_factory.mktemp("single"))
+    p = run(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", out, "--save-every", "1", *SMALL])
+    return out, p.stdout
+
+
+def test_single_process_run_writes_metrics_and_checkpoints(single_run, tiny_llama_dir):
+    out, stdout = single_run
+    assert "preflight | model" in stdout and "done |" in stdout
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward", "kl", "loss", "loss_pg", "loss_answer", "rationale_len", "stop_rate", "accuracy",
+                "advantage_std", "tokens_per_s", "peak_memory_gb", "lr"):
+        assert key in rows[0], key
+    assert rows[0]["lr"] == pytest.approx(1e-4) and rows[1]["lr"] == pytest.approx(5e-5)  # linear decay to 0
+    assert sorted(os.listdir(out)) >= ["checkpoint-000001", "checkpoint-000002", "config.json", "metrics.jsonl"]
+    # weights moved away from the initial model
+    initial = load_file(os.path.join(tiny_llama_dir, "model.safetensors"))
+    final = weights(os.path.join(out, "checkpoint-000002"))
+    assert max_diff({k: final[k] for k in initial}, initial) > 0
+
+
+def test_checkpoint_loads_in_transformers(single_run):
+    from transformers import AutoModelForCausalLM
+    from model import load
+    ckpt = os.path.join(single_run[0], "checkpoint-000002")
+    ours, _ = load(ckpt)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    x = torch.randint(0, ours.args.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
+
+
+def test_two_processes_equal_one(single_run, tmp_path, tiny_llama_dir, gsm_file):
+    """Same global batch on 2 gloo ranks (each samples half the questions with per-question seeds, the penalty's
+    batch mean and the gradients are reduced across ranks) == 1 process."""
+    out = str(tmp_path / "ddp")
+    p = run(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", out, *SMALL], nproc=2)
+    assert "| DDP |" in p.stdout
+    assert_same_training(single_run[0], out)
+
+
+def test_two_processes_fsdp_equal_one(single_run, tmp_path, tiny_llama_dir, gsm_file):
+    out = str(tmp_path / "fsdp")
+    p = run(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", out, "--fsdp", "on", *SMALL], nproc=2)
+    assert "FSDP2" in p.stdout
+    assert_same_training(single_run[0], out)
+
+
+def test_resume_two_plus_two_equals_four_bit_for_bit(tmp_path, tiny_llama_dir, gsm_file):
+    args = ["--dataset", gsm_file, *SMALL]
+    args[args.index("--steps") + 1] = "4"
+    straight = str(tmp_path / "straight")
+    run(["--model", tiny_llama_dir, "--out", straight, "--save-every", "2", *args])
+    # A run that stopped after step 2 (its checkpoint-000002 is all it left), resumed to step 4.
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    os.rename(os.path.join(straight, "checkpoint-000002"), os.path.join(resumed, "checkpoint-000002"))
+    p = run(["--resume", os.path.join(resumed, "checkpoint-000002"), *args])
+    assert "steps 2->4" in p.stdout
+    a, b = weights(os.path.join(straight, "checkpoint-000004")), weights(os.path.join(resumed, "checkpoint-000004"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert steps == [3, 4]
+
+
+def test_sft_baseline_lowers_its_loss(tmp_path, tiny_llama_dir, gsm_file):
+    out = str(tmp_path / "sft")
+    run(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", out, "--method", "sft", "--steps", "6",
+         "--questions-per-step", "8", "--lr", "3e-3", "--no-save"])
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    # the same 8 questions every step (one epoch per step): plain supervised descent on a fixed batch
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dataset", "no_such_dataset"], "no_such_dataset"),
+    (["--num-samples", "1"], "--num-samples 1"),
+    (["--lr", "3"], "--lr 3"),
+    (["--questions-per-step", "0"], "--questions-per-step 0"),
+    (["--model", "no-such-model-xyz"], "no-such-model-xyz"),
+    (["--resume", "/nonexistent/checkpoint"], "trainer_state.json"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, tiny_llama_dir, gsm_file, flags, message):
+    base = {"--model": tiny_llama_dir, "--dataset": gsm_file, "--out": str(tmp_path / "o"), "--steps": "1"}
+    for i in range(0, len(flags), 2):
+        base[flags[i]] = flags[i + 1]
+    p = run([x for kv in base.items() for x in kv], check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+    assert not os.path.exists(str(tmp_path / "o" / "metrics.jsonl"))
+
+
+def test_batch_must_divide_world_size():
+    import train
+    args = train.fill_defaults(train.parse_args(["--questions-per-step", "3"]))
+    with pytest.raises(ValueError, match="not divisible by the world size 2"):
+        train.check_args(args, world=2)
+
+
+def test_existing_run_is_not_overwritten(single_run, tiny_llama_dir, gsm_file):
+    out = single_run[0]
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    p = run(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", out, "--steps", "1"], check=False)
+    assert p.returncode == 2 and "already holds a run" in p.stderr
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before
+
+
+def test_resume_from_a_different_model_is_refused(single_run, tmp_path, gsm_file):
+    from conftest import make_tiny_model
+    other = make_tiny_model(tmp_path / "other", seed=9)
+    p = run(["--resume", os.path.join(single_run[0], "checkpoint-000001"), "--model", other, "--dataset", gsm_file],
+            check=False)
+    assert p.returncode == 2 and "was trained from --model" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_losses_skip_steps_then_abort(monkeypatch, tmp_path, tiny_llama_dir, gsm_file, capsys):
+    import latro
+    import train
+    monkeypatch.setattr(latro, "backward_on_rollout", lambda *a, **k: {"loss": float("nan"), "loss_pg": 0.0,
+                                                                         "loss_answer": 0.0})
+    args = train.parse_args(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", str(tmp_path / "nan"),
+                             *SMALL[:SMALL.index("--steps")], "--steps", "5", *SMALL[2:]])
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        train.train(args)
+    assert capsys.readouterr().out.count("non-finite loss") == 3
+    assert not any(name.startswith("checkpoint") for name in os.listdir(tmp_path / "nan"))
