@@ -234,8 +234,24 @@ class Attention(nn.Module):
             # before the query's position. The mask comes from positions, never from token values.
             k, v = cache.write(positions, k, v)                                          # (B, Hkv, S, D)
             mask = torch.arange(k.shape[2], device=x.device) <= positions[:, :, None]    # (B, T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+            if T == 1:
+                y = decode_attention(q, k, v, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def decode_attention(q, k, v, mask):
+    """One query per row (a decoding step): q (B, H, 1, D), k/v (B, Hkv, S, D), mask (B, 1, S) -> (B, H, 1, D).
+    Same math as SDPA, written as two grouped matmuls: the H/Hkv query heads that share a key/value head are one
+    matrix, so GQA needs no copy of the cache. On CPU this is ~1.5x (fp32) to ~10x (bf16) faster than SDPA's
+    kernels at this shape; softmax in fp32."""
+    B, H, _, D = q.shape
+    n_kv = k.shape[1]
+    q = q.view(B, n_kv, H // n_kv, D)                                       # (B, Hkv, G, D)
+    scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5                  # (B, Hkv, G, S)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
 class MLP(nn.Module):
@@ -413,11 +429,19 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generators=None):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p (>= 1 token)
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
+    # Inverse-CDF sampling: one uniform per row, found in the cumulative distribution. torch.multinomial draws an
+    # exponential per vocabulary entry instead (~16 ms per step for 16 x 49k on a CPU, more than the attention).
+    cdf = logits.softmax(-1).double().cumsum(-1)                                           # (B, V)
     if generators is None:
-        return torch.multinomial(probs, 1)[:, 0]
-    groups = probs.chunk(len(generators))
-    return torch.cat([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(groups, generators)])
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype)
+    else:
+        n = cdf.shape[0] // len(generators)
+        u = torch.cat([torch.rand(n, 1, device=cdf.device, dtype=cdf.dtype, generator=g) for g in generators])
+    # right=True skips tokens of zero probability (flat steps of the cdf). If u * total rounds up to total, the
+    # search runs off the end: take the first token where the cdf reaches its total, which has probability > 0.
+    total = cdf[:, -1:]
+    picked = torch.searchsorted(cdf, u * total, right=True)[:, 0]
+    return torch.minimum(picked, (cdf >= total).int().argmax(-1))
 
 
 @torch.no_grad()

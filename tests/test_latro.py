@@ -147,7 +147,9 @@ def test_rollout_and_gradient_match_brute_force(tmp_path, style):
     loss = -(A * (pol * z).sum(1)).mean() + cfg.answer_weight * -(pol * y).sum(1).mean()
     loss.backward()
     for n, p in policy.named_parameters():
-        assert torch.allclose(fused[n], p.grad, atol=1e-4, rtol=1e-4), n
+        # fp32 sums in a different order: compare relative to the gradient's scale (it reaches ~1e2 here)
+        scale = p.grad.abs().max().item()
+        assert (fused[n] - p.grad).abs().max().item() <= 2e-5 * scale + 1e-6, n
 
 
 def test_one_step_changes_every_parameter_but_not_the_reference(tiny_llama_dir):
