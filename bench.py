@@ -1,0 +1,345 @@
+"""Benchmarks model.py against transformers on a real checkpoint. Prints numbers; asserts nothing about speed.
+
+    python bench.py --model /path/to/SmolLM2-135M-Instruct [--sections sample,score,greedy] [--device cpu|cuda]
+                    [--samples 16 --new-tokens 128 --threads N --out results.json]
+
+Sections:
+  sample  new tokens/s sampling `--samples` continuations of one GSM8K chat prompt, ours vs transformers,
+          float32 and bfloat16 (target: ours >= 1.5x).
+  score   forward+backward of span log-probs: token_logprobs() vs a full log_softmax over (B, T, V) logits on
+          the same model. Peak memory and time (target: memory <= 1/4, time no worse). Each variant runs in a
+          fresh subprocess so that neither inherits the other's allocator state or peak.
+  greedy  greedy tokens of ours vs transformers on the first GSM8K test questions, and ours batched vs unbatched.
+  reward  LaTRO's self-reward, mean log pi(y | x, z) over K sampled rationales, on the LAST --reward-questions of
+          --reward-data (held out from a train.py run given --limit <file length - N>); run it on a model before
+          and after training, with the same seed, to see whether training raised it on unseen questions.
+
+transformers is the oracle here (requirements-dev.txt); it is imported lazily, only by the sections that compare.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import data
+import model as M
+
+GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "gsm8k", "test.jsonl")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    """(seconds, result) of fn(); synchronises CUDA on both sides so the time covers the queued kernels."""
+    sync(device)
+    t = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - t, result
+
+
+def gsm8k_prompts(tokenizer, n, path):
+    """Token ids of the first n GSM8K questions in the LaTRO prompt (data.py: chat template + CoT trigger)."""
+    return [data.chat_prompt(tokenizer, ex) for ex in data.load_dataset(path, limit=n)]
+
+
+def load_hf(model_dir, device, dtype):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss():
+    """Resets the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0) and returns the current RSS in
+    bytes; VmHWM minus this is then the peak this process reached above its state right now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss():
+    return _status_kb("VmHWM") * 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. sample: tokens/s of K samples of one prompt
+
+def bench_sample(args, dtype_name):
+    dtype, device = DTYPES[dtype_name], args.device
+    ours, tok = M.load(args.model, device=device, dtype=dtype)
+    prompt = gsm8k_prompts(tok, 1, args.data)[0]
+    K, N = args.samples, args.new_tokens
+
+    def run_ours():
+        # stop=[]: no row ends early, so every run decodes exactly K * N tokens
+        out = M.generate(ours, [prompt], N, temperature=1.0, num_samples=K, stop=[], seed=0)
+        return sum(len(r) for r in out)
+
+    hf = load_hf(args.model, device, dtype)
+    ids = torch.tensor([prompt], device=device)
+
+    def run_hf():
+        # min_new_tokens = max_new_tokens keeps EOS masked, so transformers also decodes exactly K * N tokens;
+        # top_k=0 / top_p=1.0 override generation_config so both sample from the plain softmax.
+        torch.manual_seed(0)
+        out = hf.generate(ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N,
+                          min_new_tokens=N, num_return_sequences=K, pad_token_id=tok.pad_id or 0)
+        return (out.shape[1] - ids.shape[1]) * out.shape[0]
+
+    result = {"dtype": dtype_name, "prompt_tokens": len(prompt), "samples": K, "new_tokens": N}
+    for name, fn in (("ours", run_ours), ("transformers", run_hf)):
+        _, n_tokens = timed(fn, device)  # warm-up: allocator, kernel selection, lazy init
+        times = [timed(fn, device)[0] for _ in range(args.sample_runs)]
+        assert n_tokens == K * N, f"{name} generated {n_tokens} tokens, expected {K * N}"
+        result[name] = {"tok_s": K * N / statistics.median(times), "times_s": times}
+    result["ratio"] = result["ours"]["tok_s"] / result["transformers"]["tok_s"]
+    print(f"sample {dtype_name}: ours {result['ours']['tok_s']:.1f} tok/s, transformers "
+          f"{result['transformers']['tok_s']:.1f} tok/s, ratio {result['ratio']:.2f}x "
+          f"(median of {args.sample_runs} after 1 warm-up)", flush=True)
+    del ours, hf
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. score: forward + backward of span log-probs, fused vs full log_softmax
+
+def full_logsoftmax_logprobs(model, tokens, starts, ends):
+    """The naive baseline: materialise (B, T-1, V) logits and their fp32 log_softmax, gather, mask to the span."""
+    logits = model(tokens[:, :-1]).float()
+    lp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0]          # (B, T-1)
+    t = torch.arange(1, tokens.shape[1], device=tokens.device)
+    mask = (t >= starts[:, None]) & (t < ends[:, None])
+    return torch.nn.functional.pad(lp * mask, (1, 0))
+
+
+def score_worker(cfg):
+    """Runs in a fresh process: loads the model, then measures peak memory above the loaded state and the time of
+    `runs` forward+backward passes. Prints one JSON line."""
+    torch.set_num_threads(cfg["threads"])
+    device, dtype = cfg["device"], DTYPES[cfg["dtype"]]
+    model, _ = M.load(cfg["model"], device=device, dtype=dtype)
+    if cfg["checkpoint"]:  # activation checkpointing as in training; the model has no dropout, so train() is safe
+        model.train()
+        model.checkpoint_layers = True
+    g = torch.Generator().manual_seed(0)
+    B, T = cfg["batch"], cfg["seq_len"]
+    tokens = torch.randint(0, model.args.vocab_size, (B, T), generator=g).to(device)
+    starts = torch.full((B,), cfg["start"], device=device)
+    ends = torch.full((B,), T, device=device)
+    score = M.token_logprobs if cfg["variant"] == "ours" else full_logsoftmax_logprobs
+
+    def step():
+        model.zero_grad(set_to_none=True)  # parameter grads are allocated inside the measured step, as in training
+        lp = score(model, tokens, starts, ends)
+        lp.sum().backward()
+        return lp.detach().sum(1)
+
+    # Memory: the peak over all runs, above the process with the model and inputs already loaded.
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    base_rss = reset_peak_rss()
+    times = []
+    for _ in range(cfg["runs"]):
+        dt, sums = timed(step, device)
+        times.append(dt)
+    out = {"variant": cfg["variant"], "dtype": cfg["dtype"], "times_s": times, "time_s": statistics.median(times),
+           "peak_rss_delta_bytes": peak_rss() - base_rss, "row_logprob_sums": sums.double().cpu().tolist()}
+    if cuda:
+        out["peak_cuda_delta_bytes"] = torch.cuda.max_memory_allocated() - base_cuda
+    print("SCORE_RESULT " + json.dumps(out), flush=True)
+
+
+def run_score_worker(args, variant, dtype_name):
+    cfg = {"model": args.model, "device": args.device, "dtype": dtype_name, "variant": variant,
+           "threads": args.threads, "batch": args.score_batch, "seq_len": args.score_len,
+           "start": args.score_start, "runs": args.score_runs, "checkpoint": args.score_checkpoint}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--score-worker", json.dumps(cfg)],
+                          capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("SCORE_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"score worker {variant}/{dtype_name} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("SCORE_RESULT "):])
+
+
+def bench_score(args, dtype_name):
+    ours = run_score_worker(args, "ours", dtype_name)
+    base = run_score_worker(args, "full_log_softmax", dtype_name)
+    mem_key = "peak_cuda_delta_bytes" if "peak_cuda_delta_bytes" in ours else "peak_rss_delta_bytes"
+    diff = max(abs(a - b) for a, b in zip(ours["row_logprob_sums"], base["row_logprob_sums"]))
+    total = abs(sum(base["row_logprob_sums"]))
+    result = {"dtype": dtype_name, "batch": args.score_batch, "seq_len": args.score_len, "start": args.score_start,
+              "checkpoint_layers": args.score_checkpoint, "memory_metric": mem_key, "ours": ours, "baseline": base,
+              "memory_ratio": ours[mem_key] / base[mem_key], "time_ratio": ours["time_s"] / base["time_s"],
+              "max_abs_diff_row_sums": diff, "baseline_abs_total": total}
+    print(f"score {dtype_name}: peak mem ours {ours[mem_key] / 2**20:.0f} MiB vs baseline {base[mem_key] / 2**20:.0f} "
+          f"MiB (ratio {result['memory_ratio']:.3f}), time ours {ours['time_s']:.2f}s vs baseline "
+          f"{base['time_s']:.2f}s (ratio {result['time_ratio']:.3f}), max |diff| of row log-prob sums {diff:.3g} "
+          f"(|total| {total:.4g})", flush=True)
+    # Sanity: both compute the same quantity; bf16 rounds logits differently in the two paths, so allow more there.
+    tol = 1e-2 if dtype_name == "float32" else 1.0 * args.score_batch
+    assert diff < tol, f"ours and the full log_softmax disagree by {diff} (tolerance {tol})"
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. greedy: token-for-token agreement with transformers, and batched == unbatched
+
+def bench_greedy(args):
+    device = args.device
+    ours, tok = M.load(args.model, device=device, dtype=torch.float32)
+    hf = load_hf(args.model, device, torch.float32)
+    prompts = gsm8k_prompts(tok, args.greedy_questions, args.data)
+    eos = list(ours.args.eos_token_ids)
+    N = args.greedy_tokens
+
+    def hf_greedy(p):
+        out = hf.generate(torch.tensor([p], device=device), do_sample=False, max_new_tokens=N, eos_token_id=eos,
+                          pad_token_id=tok.pad_id or eos[0])
+        return out[0, len(p):].tolist()  # batch of one: no padding, the row ends at (and includes) the EOS
+
+    single = [M.generate(ours, [p], N)[0] for p in prompts]  # stop=None: the model's end-of-turn ids
+    batched = M.generate(ours, prompts, N)                   # all prompts, different lengths, one call
+    reference = [hf_greedy(p) for p in prompts]
+    rows = []
+    for i, (p, s, b, r) in enumerate(zip(prompts, single, batched, reference)):
+        first_diff = next((j for j, (x, y) in enumerate(zip(s, r)) if x != y), None if len(s) == len(r) else min(len(s), len(r)))
+        rows.append({"question": i, "prompt_tokens": len(p), "ours_tokens": len(s), "hf_tokens": len(r),
+                     "same_as_transformers": s == r, "first_diff": first_diff, "batched_same_as_single": b == s})
+        print(f"greedy q{i}: prompt {len(p)} tok, ours {len(s)} new tok, transformers {len(r)}, identical={s == r}"
+              + ("" if s == r else f" (first difference at new token {first_diff})")
+              + f", batched==unbatched={b == s}", flush=True)
+    result = {"questions": rows, "identical": sum(r["same_as_transformers"] for r in rows),
+              "batched_identical": sum(r["batched_same_as_single"] for r in rows), "n": len(rows)}
+    print(f"greedy: {result['identical']}/{len(rows)} identical to transformers, "
+          f"{result['batched_identical']}/{len(rows)} batched identical to unbatched", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. reward: mean self-reward on held-out questions (same code path as training: latro.rollout)
+
+def bench_reward(args):
+    import latro
+    policy, tok = M.load(args.model, device=args.device, dtype=torch.float32)
+    examples = data.load_dataset(args.reward_data)[-args.reward_questions:]
+    cfg = latro.LatroConfig(num_samples=args.reward_samples, max_rationale_tokens=args.reward_tokens)
+    rewards, stops, lengths = [], [], []
+    for i in range(0, len(examples), 4):  # 4 questions per rollout keeps memory flat
+        batch = examples[i:i + 4]
+        _, m = latro.rollout(policy, policy, tok, [data.chat_prompt(tok, e) for e in batch],
+                             [e.answer_text for e in batch], cfg, seeds=[args.seed + i + j for j in range(len(batch))])
+        rewards.append(m["reward"] * len(batch))
+        stops.append(m["stop_rate"] * len(batch))
+        lengths.append(m["rationale_len"] * len(batch))
+    n = len(examples)
+    result = {"questions": n, "samples": args.reward_samples, "max_rationale_tokens": args.reward_tokens,
+              "mean_reward": sum(rewards) / n, "stop_rate": sum(stops) / n, "rationale_len": sum(lengths) / n}
+    print(f"reward: mean log pi(y|x,z) {result['mean_reward']:.3f} nats over {n} held-out questions x K="
+          f"{args.reward_samples} (stop rate {result['stop_rate']:.2f}, rationale {result['rationale_len']:.1f} tok)",
+          flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table and CLI
+
+def table(results):
+    lines = ["", f"{'section':<22}{'ours':>16}{'baseline':>16}{'ratio':>10}  target"]
+    for r in results.get("sample", []):
+        lines.append(f"{'sample ' + r['dtype'] + ' tok/s':<22}{r['ours']['tok_s']:>16.1f}"
+                     f"{r['transformers']['tok_s']:>16.1f}{r['ratio']:>9.2f}x  >= 1.5x")
+    for r in results.get("score", []):
+        k = r["memory_metric"]
+        lines.append(f"{'score ' + r['dtype'] + ' peak MiB':<22}{r['ours'][k] / 2**20:>16.0f}"
+                     f"{r['baseline'][k] / 2**20:>16.0f}{r['memory_ratio']:>10.3f}  <= 0.25")
+        lines.append(f"{'score ' + r['dtype'] + ' time s':<22}{r['ours']['time_s']:>16.2f}"
+                     f"{r['baseline']['time_s']:>16.2f}{r['time_ratio']:>10.3f}  <= 1.0")
+    if "greedy" in results:
+        g = results["greedy"]
+        lines.append(f"{'greedy identical':<22}{g['identical']:>14}/{g['n']}{'':>16}{'':>10}  vs transformers")
+        lines.append(f"{'greedy batched':<22}{g['batched_identical']:>14}/{g['n']}{'':>16}{'':>10}  vs unbatched")
+    if "reward" in results:
+        lines.append(f"{'held-out reward':<22}{results['reward']['mean_reward']:>16.3f}  nats, mean log pi(y|x,z)")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="local HF model directory (or an alias / hub id that model.load accepts)")
+    p.add_argument("--data", default=GSM8K, help="GSM8K jsonl for the prompts (default: ../shared/data/gsm8k/test.jsonl)")
+    p.add_argument("--sections", default="sample,score,greedy")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes for the sample and score sections")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for both sides")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--sample-runs", type=int, default=3, help="timed runs after one warm-up (median reported)")
+    p.add_argument("--score-batch", type=int, default=16)
+    p.add_argument("--score-len", type=int, default=512)
+    p.add_argument("--score-start", type=int, default=200, help="first scored position (ends = --score-len)")
+    p.add_argument("--score-runs", type=int, default=3, help="forward+backward runs per variant (median time)")
+    p.add_argument("--score-checkpoint", action="store_true", help="activation checkpointing, as train.py can do")
+    p.add_argument("--greedy-questions", type=int, default=5)
+    p.add_argument("--greedy-tokens", type=int, default=200)
+    p.add_argument("--reward-data", default=GSM8K.replace("test.jsonl", "train.jsonl"))
+    p.add_argument("--reward-questions", type=int, default=32, help="the last N questions of --reward-data")
+    p.add_argument("--reward-samples", type=int, default=8, help="K rationales per question")
+    p.add_argument("--reward-tokens", type=int, default=128, help="rationale length limit L")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write all results as JSON here")
+    p.add_argument("--score-worker", help=argparse.SUPPRESS)  # internal: one score variant in a fresh process
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.score_worker:
+        return score_worker(json.loads(args.score_worker))
+    if not args.model:
+        sys.exit("bench.py: --model is required")
+    torch.set_num_threads(args.threads)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    print(f"device {args.device}, threads {args.threads}, torch {torch.__version__}, model {args.model}", flush=True)
+    results = {"config": {k: v for k, v in vars(args).items() if k != "score_worker"}}
+    for section in sections:
+        if section == "sample":
+            results["sample"] = [bench_sample(args, d) for d in dtypes]
+        elif section == "score":
+            results["score"] = [bench_score(args, d) for d in dtypes]
+        elif section == "greedy":
+            results["greedy"] = bench_greedy(args)
+        elif section == "reward":
+            results["reward"] = bench_reward(args)
+        else:
+            sys.exit(f"bench.py: unknown section {section!r} (sample, score, greedy, reward)")
+    print(table(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
