@@ -399,6 +399,11 @@ class KVCache:
     def layer(self, i):
         return _LayerCache(self, i)
 
+    def select(self, rows):
+        """Keeps only the given batch rows (a 1-D index tensor), e.g. to drop finished sequences."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
 
 class _LayerCache:
     def __init__(self, cache, i):
@@ -414,10 +419,9 @@ class _LayerCache:
         return ck[:, :, :n], cv[:, :, :n]
 
 
-def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generators=None):
-    """logits (B, V) fp32 -> next tokens (B,). Temperature 0 is greedy. generators: None (torch's global RNG) or
-    one torch.Generator per group of B // len(generators) consecutive rows, so a prompt's samples depend on its
-    own seed only, never on which other prompts share the batch (1 process == N processes)."""
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, uniforms=None):
+    """logits (B, V) fp32 -> next tokens (B,). Temperature 0 is greedy. uniforms: (B, 1) float64 draws in [0, 1)
+    to sample with (generate() makes them from per-prompt generators), or None for torch's global RNG."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -432,11 +436,7 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generators=None):
     # Inverse-CDF sampling: one uniform per row, found in the cumulative distribution. torch.multinomial draws an
     # exponential per vocabulary entry instead (~16 ms per step for 16 x 49k on a CPU, more than the attention).
     cdf = logits.softmax(-1).double().cumsum(-1)                                           # (B, V)
-    if generators is None:
-        u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype)
-    else:
-        n = cdf.shape[0] // len(generators)
-        u = torch.cat([torch.rand(n, 1, device=cdf.device, dtype=cdf.dtype, generator=g) for g in generators])
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) if uniforms is None else uniforms
     # right=True skips tokens of zero probability (flat steps of the cdf). If u * total rounds up to total, the
     # search runs off the end: take the first token where the cdf reaches its total, which has probability > 0.
     total = cdf[:, -1:]
@@ -465,13 +465,12 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     window = max((len(s) for s in stop_strs), default=0) + 8  # tokens to decode when checking stop strings
     device = model.embed_tokens.weight.device
     P, K = len(prompts), num_samples
+    generators = None
     if seed is not None:
         seeds = [seed + i for i in range(P)] if isinstance(seed, int) else list(seed)
         if len(seeds) != P:
             raise ValueError(f"generate: got {len(seeds)} seeds for {P} prompts")
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-    else:
-        generators = None
     B = P * K
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     max_prompt = int(lengths.max())
@@ -494,20 +493,33 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
 
     pos = lengths.repeat_interleave(K)        # (B,) where each row's next token goes
     out = [[] for _ in range(B)]
+    rows = list(range(B))                     # the output row of each batch row; finished rows leave the batch
     done = [False] * B
     for step in range(max_new_tokens):
-        tokens = sample_next(logits, temperature, top_k, top_p, generators)                 # (B,)
-        for b, t in enumerate(tokens.tolist()):
+        uniforms = None
+        if generators is not None and temperature > 0:
+            # every prompt draws K uniforms per step whatever its rows' state, so its samples depend on its seed only
+            uniforms = torch.cat([torch.rand(K, 1, device=device, dtype=torch.float64, generator=g)
+                                  for g in generators])[rows]                             # (rows, 1)
+        tokens = sample_next(logits, temperature, top_k, top_p, uniforms)                 # (rows,)
+        for b, t in zip(rows, tokens.tolist()):
             if done[b]:
                 continue
             out[b].append(t)
             if t in stop_ids or (stop_strs and any(s in tokenizer.decode(out[b][-window:]) for s in stop_strs)):
                 done[b] = True
-        if all(done) or step == max_new_tokens - 1:
+        keep = [j for j, b in enumerate(rows) if not done[b]]
+        if not keep or step == max_new_tokens - 1:
             break
+        if len(keep) <= 3 * len(rows) // 4:
+            # Drop finished rows once a quarter of the batch has finished: later steps compute only live rows.
+            # (Compacting copies the cache, so it is done in a few big steps rather than at every finish.)
+            idx = torch.tensor(keep, device=device)
+            caches.select(idx)
+            tokens, pos, rows = tokens[idx], pos[idx], [rows[j] for j in keep]
         caches.length = int(pos.max()) + 1  # attend only to slots some row has filled
-        h = model.hidden_states(tokens[:, None], pos[:, None], caches)                    # (B, 1, dim)
-        logits = F.linear(h[:, 0], model.output_weight()).float()                         # (B, V)
+        h = model.hidden_states(tokens[:, None], pos[:, None], caches)                    # (rows, 1, dim)
+        logits = F.linear(h[:, 0], model.output_weight()).float()                         # (rows, V)
         pos = pos + 1
     return out
 

@@ -387,6 +387,24 @@ def test_samples_of_a_prompt_do_not_depend_on_the_rest_of_the_batch(tiny_llama_d
     assert both[:3] == generate(model, [p0], seed=5, **kw)
 
 
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny_llama_dir):
+    # Stop on a quarter of the vocabulary so rows finish at scattered steps: generate() then drops finished rows
+    # from the batch (and its KV cache) as it goes. Each prompt's rows must equal that prompt sampled alone.
+    model, tok = load(tiny_llama_dir, dtype=torch.float32)
+    prompts = chat_prompts(tok)[:3]
+    stop = list(range(0, model.args.vocab_size, 4))
+    for kw in (dict(temperature=1.0, seed=[3, 4, 5]), dict(temperature=0.0)):
+        batched = generate(model, prompts, max_new_tokens=12, num_samples=4, stop=stop, **kw)
+        lengths = [len(r) for r in batched]
+        assert min(lengths) < max(lengths) and max(lengths) > 2, lengths  # finishes really are spread out
+        for i, p in enumerate(prompts):
+            seed = kw.get("seed") and [kw["seed"][i]]
+            alone = generate(model, [p], max_new_tokens=12, num_samples=4, stop=stop, **(kw | {"seed": seed}))
+            assert batched[4 * i:4 * i + 4] == alone
+        for row in batched:
+            assert all(t not in stop for t in row[:-1]) and (len(row) == 12 or row[-1] in stop)
+
+
 def _first_token_counts(model, prompt, n, vocab_size, **kw):
     """How often each token id is sampled as the first new token, over n samples."""
     rows = generate(model, [prompt], max_new_tokens=1, num_samples=n, stop=[], **kw)
