@@ -334,7 +334,7 @@ class FusedLogProbs(torch.autograd.Function):
     def forward(ctx, h, weight, targets, temperature, chunk):
         out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
         for i in range(0, h.shape[0], chunk):
-            logits = F.linear(h[i:i + chunk], weight).float() / temperature              # (c, V) fp32
+            logits = F.linear(h[i:i + chunk], weight).float().div_(temperature)          # (c, V) fp32
             out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None])[:, 0] - logits.logsumexp(-1)
         ctx.save_for_backward(h, weight, targets)
         ctx.temperature, ctx.chunk = temperature, chunk
@@ -348,10 +348,11 @@ class FusedLogProbs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for i in range(0, h.shape[0], chunk):
             hc, g = h[i:i + chunk], grad[i:i + chunk]
-            logits = F.linear(hc, weight).float() / T                                   # (c, V) recomputed
-            dlogits = -logits.softmax(-1) * g[:, None]
-            dlogits.scatter_add_(1, targets[i:i + chunk, None], g[:, None])
-            dlogits = (dlogits / T).to(h.dtype)
+            logits = F.linear(hc, weight).float().div_(T)                              # (c, V) recomputed
+            dlogits = logits.softmax(-1).mul_(-g[:, None] / T)      # in place: one (c, V) buffer besides logits
+            del logits
+            dlogits.scatter_add_(1, targets[i:i + chunk, None], g[:, None] / T)
+            dlogits = dlogits.to(h.dtype)
             if grad_h is not None:
                 grad_h[i:i + chunk] = dlogits @ weight                                  # (c, dim)
             if grad_w is not None:
@@ -361,8 +362,8 @@ class FusedLogProbs(torch.autograd.Function):
 
 def fused_logprobs(h, weight, targets, temperature=1.0, chunk=None):
     """h (N, dim), weight (V, dim), targets (N,) -> (N,) fp32 log-probs. The chunk keeps each logits block near
-    64M floats (256 MB), whatever the vocabulary."""
-    chunk = chunk or max(16, (1 << 26) // weight.shape[0])
+    16M floats (64 MB), whatever the vocabulary: big enough for an efficient matmul, small next to the model."""
+    chunk = chunk or max(16, (1 << 24) // weight.shape[0])
     return FusedLogProbs.apply(h, weight, targets, float(temperature), chunk)
 
 
