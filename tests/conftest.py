@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -530,3 +531,19 @@ def tiny_phi3_dir(tmp_path_factory) -> str:
         original_max_position_embeddings=32,
         rope_parameters=dict(PHI3_LONGROPE),
     )
+
+
+# Errors that mean the process group never came up (e.g. the port torchrun picked was taken before it was bound):
+# a property of the machine, not of the code under test.
+LAUNCH_ERRORS = ("Address already in use", "Connection reset by peer", "Connection refused", "DistNetworkError",
+                 "RendezvousConnectionError", "connectFullMesh")
+
+
+def run_command(cmd, **kwargs):
+    """subprocess.run(cmd, capture_output=True, text=True, **kwargs), retried once if a torchrun launch failed
+    while setting up its process group; any other failure is returned as is."""
+    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0 and "torch.distributed.run" in cmd and \
+            any(e in result.stdout + result.stderr for e in LAUNCH_ERRORS):
+        result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    return result

@@ -6,7 +6,6 @@ settings checks, the distributed gather), and `evaluate` is also run with a scri
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 import data
 import eval as ev
+from conftest import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -359,7 +359,7 @@ def test_two_processes_equal_one(tiny_llama3_dir, five_questions, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "eval.py", *map(str, args), "--out", str(two)]
     for cmd in (single, torchrun):
-        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        result = run_command(cmd, cwd=REPO, env=env, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
     assert one.read_text() == two.read_text()
     assert json.loads((tmp_path / "two.summary.json").read_text())["world_size"] == 2

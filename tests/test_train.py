@@ -1,14 +1,13 @@
 """train.py end to end on a tiny model: distributed equivalence, exact resume, HF-loadable checkpoints, bad input."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_command
 
 QUESTIONS = [
     ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = 7", "7"),
@@ -36,7 +35,7 @@ def run(args, nproc=1, check=True):
     cmd = [sys.executable, "train.py", *args] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
          "train.py", *args]
-    p = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    p = run_command(cmd, cwd=REPO_ROOT, env=env, timeout=240)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
