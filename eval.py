@@ -7,16 +7,23 @@ The protocol (paper §5 and the official scripts/evaluation.py):
 Optionally, K sampled rationales per question give self-consistency: maj@K (majority vote over the K extracted
 answers, the paper's "maj@8" at T = 1) and pass@K (any of the K is right). The official repo has no code for these.
 
-Answer extraction, and how it differs from the official eval_utils.py:
+Answer extraction, and how it departs from the official eval_utils.py. `official_correct` reimplements the official
+rule, so both accuracies are reported:
   - GSM8K: the first number after the LAST "The answer is", else the last number in the text. The official code
     matches "The answer is" case-sensitively with the regex -?[\\d,]*\\.?\\d+; we match it in any case, read "1,080"
-    as one number but "1,2,3" as three, and do not read the "-" of "5-3" as a sign. `official_correct` keeps the
-    official rule, so both accuracies are reported.
-  - ARC: the official code lower-cases the text, takes the sentence holding "the answer is" (or else the last
-    "."-separated fragment) and counts it right when the gold option text is a substring of it. Option texts that
-    end with "." ("Planetary days will become shorter.") can then never match, and a span that names two options is
-    right whenever one of them is the gold. We instead map the answer span to ONE option - by its exact text, then
-    by its label ("(C)", "C.", "option C"), then by the option text inside it - and compare labels.
+    as one number but "1,2,3" as three, do not read the "-" of "5-3" as a sign, and read a Unicode minus ("−3",
+    U+2212) as one (the official regex reads 3).
+  - ARC: the official code lower-cases the text and the gold and drops the gold's trailing "."; its span is the text
+    after the LAST "the answer is" up to the next ".", with : " ' [ ] ( ) stripped from its two ends (or, with no
+    "the answer is", the last "."-separated fragment once the text's final "." is dropped), and it is right when the
+    gold option text is a substring of the span. So a span naming two options is right whenever one is the gold,
+    "salt water" is right for the gold "water", and a gold with a "." inside ("2.5 m/s") or ending in ")" is never
+    right, even written verbatim (19 of the 1172 test golds). We instead map the answer span to ONE option - by its
+    exact text, then by its label ("(C)", "C.", "option C"), then by the option text inside it - and compare labels.
+    A span that names several options (SmolLM2 writes "The answer is ['...', '...', '...', '...']") names none.
+  - Llama 3.1: the official script tokenizes the rendered chat template, which starts with <|begin_of_text|>, with
+    the tokenizer's own BOS on top, so its prompts start with two BOS tokens. model.Tokenizer never adds a BOS in
+    front of one the template wrote: our prompts have one.
 
 Usage:
     python eval.py --model smollm2-135m --dataset gsm8k --limit 100
@@ -50,7 +57,9 @@ from model import generate, load
 # does not follow a word or a closing bracket, so "5-3" is two numbers, "x = -3" is one.
 NUMBER = re.compile(r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+(?![\d,])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
 OFFICIAL_NUMBER = re.compile(r"-?[\d,]*\.?\d+")  # the official eval_utils.py regex, for official_correct
+OFFICIAL_ARC_ENDS = " :\"'[]()"  # what the official ARC rule strips from the ends of the answer span
 ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
+SENTENCE_END = re.compile(r"[.!?]\s")  # "2.5 m/s" and "decrease.', 'Planetary" do not end a sentence
 ANSWER_MARK = re.compile(r"\banswer\s*(?:is\b|:)", re.IGNORECASE)  # ARC: also "The correct answer is", "Answer:"
 
 
@@ -121,15 +130,21 @@ def match_option(span: str, choices: list[tuple[str, str]]) -> str | None:
         m = pattern.search(span)
         if m and m.group(1).upper() in labels:
             return m.group(1).upper()
-    # 3. An option's text inside the span ("Planetary days will become shorter, because ..."); the earliest wins, and
-    # at the same place the longest ("salt water" over "water").
+    # 3. An option's text inside the span ("Planetary days will become shorter, because ..."). An option found only
+    # inside another one's text ("water" in "salt water") does not count. The sentence of the earliest option must
+    # name no other: "(oil). Oil floats on water." is oil, "water or oil" and SmolLM2's habit of listing every option
+    # ("['...', '...', '...', '...']") are none.
     found = []
     for label, text in choices:
         m = find_words(normalize(text), wanted)
         if m:
-            found.append((m.start(), -len(normalize(text)), label))
+            found.append((m.start(), m.end(), label))
+    found = [(start, end, label) for start, end, label in found
+             if not any(s <= start and end <= e and e - s > end - start for s, e, _ in found)]
     if found:
-        return min(found)[2]
+        sentence_end = SENTENCE_END.search(wanted, min(found)[1])
+        named = {label for start, _, label in found if not sentence_end or start < sentence_end.start()}
+        return named.pop() if len(named) == 1 else None
     # 4. The span inside exactly one option's text (the model shortened it: "days will become shorter").
     if len(wanted) >= 3:
         inside = [label for label, text in choices if find_words(wanted, normalize(text))]
@@ -184,16 +199,16 @@ def is_correct(example: data.Example, answer: str | None) -> bool:
 
 
 def official_correct(example: data.Example, text: str) -> bool:
-    """The official eval_utils.py verdict (its rules as summarised above), reported next to ours so that numbers can
-    be compared with the paper's."""
+    """The official eval_utils.py verdict (its rules as summarised above, reimplemented), reported next to ours so
+    that numbers can be compared with the paper's."""
     if example.task == "gsm8k":
         after = OFFICIAL_NUMBER.findall(text.split("The answer is")[-1]) if "The answer is" in text else []
         numbers = after[:1] or OFFICIAL_NUMBER.findall(text)[-1:]
         return bool(numbers) and float(numbers[0].replace(",", "")) == float(example.answer)
-    text, target = text.lower(), example.answer.lower()
+    target = example.answer.strip().rstrip(".").lower()
+    text = text.strip().rstrip(".").lower()
     if "the answer is" in text:
-        sentence = next(s for s in text.split(".") if "the answer is" in s)
-        span = re.sub(r"[:\"'\[\]()]", "", sentence.split("the answer is", 1)[1])
+        span = text.split("the answer is")[-1].split(".")[0].strip(OFFICIAL_ARC_ENDS)
     else:
         span = text.split(".")[-1]
     return target in span

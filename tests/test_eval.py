@@ -76,6 +76,10 @@ OFFICIAL_GSM8K_CASES = [
     ("We add the items 1,2,3", "3", False, True),  # official reads "1,2,3" as 123
     ("The answer is 18. Also 20.", "18", True, True),
     ("no numbers here", "5", False, False),
+    ("The answer is \u22123.", "-3", False, True),  # a Unicode minus: the official regex reads 3
+    ("The answer is 5. No. The answer is 7.", "7", True, True),  # the last marker
+    ("The answer is 5. No, the answer is 7.", "7", False, True),  # official: the last "The answer is" in this case
+    ("The answer is 1,080.00", "1080", True, True),
 ]
 
 
@@ -133,6 +137,9 @@ ARC_CASES = [
     ([("A", "R"), ("B", "rr"), ("C", "Rr"), ("D", "RR")], "The offspring are all Rr. The answer is Rr.", "C"),
     (THREE, "Oil floats. The answer is salt water.", "A"),  # the longer option text wins at the same place
     (THREE, "Pure water is the answer.\nThe answer is water.", "B"),
+    (THREE, "The answer is (oil). Oil floats on water.", "C"),  # another option in the next sentence
+    (THREE, "The answer is water or oil.", None),  # two options: none
+    (PLANET, "The answer is " + str([text for _, text in PLANET]), None),  # every option listed (SmolLM2): none
 ]
 
 
@@ -145,16 +152,75 @@ def arc(choices, label):
     return data.arc_example("q", "Which?", choices, label)
 
 
-# The official ARC rule: lower-case; in the sentence with "the answer is" (or else the last "."-separated fragment),
-# strip : " ' [ ] ( ) and count it right if the gold option text is a substring.
+EARTH = [("A", "the Earth's rotation"), ("B", "the Moon's gravity"), ("C", "the Sun's heat"), ("D", "ocean currents")]
+VARIABLES = [("A", "the dependent variable"), ("B", "the independent (manipulated) variable"),
+             ("C", "the control group"), ("D", "the hypothesis")]
+GROUPS = [("A", "group 1 (1A)"), ("B", "group 2 (2A)"), ("C", "group 17 (7A)"), ("D", "group 18 (8A)")]
+TIMES = [("A", "9:00 A.M."), ("B", "12:00 noon"), ("C", "1:00 P.M."), ("D", "6:00 P.M.")]
+PLANET_LIST = "The answer is " + str([text for _, text in PLANET])  # what SmolLM2 writes: every option, as a list
+
+# The official ARC rule (eval_utils.py), worked out by hand for each output: lower-case everything; drop the gold's
+# trailing "."; drop the text's final "."; span = the text after the LAST "the answer is" up to the next ".", with
+# : " ' [ ] ( ) and spaces stripped from its two ends only; no "the answer is": the last "."-separated fragment.
+# Right when the gold is a substring of the span. Next to it, ours: the one option the output names is the gold.
 OFFICIAL_ARC_CASES = [
     # (options, gold label, output, official verdict, our verdict)
+    # the gold's trailing "."
+    (PLANET, "C", "The answer is Planetary days will become shorter.", True, True),
+    (PLANET, "C", "The answer is: Planetary days will become shorter.", True, True),
+    (PLANET, "C", "The answer is 'Planetary days will become shorter.'", True, True),
+    (PLANET, "C", "the answer is planetary days will become shorter", True, True),
+    (PLANET, "A", "The answer is Planetary days will become shorter.", False, False),
+    (PLANET, "C", "The answer is (C) Planetary days will become shorter.", True, True),  # "(" stripped, "c)" stays
+    (PLANET, "C", "Faster spin. The answer is Planetary days will become shorter. Years stay the same.", True, True),
+    # punctuation inside the answer is kept, and only its ends are stripped
+    (EARTH, "A", "The answer is the Earth's rotation.", True, True),
+    (EARTH, "A", "The answer is 'the Earth's rotation'.", True, True),
+    (EARTH, "A", 'The answer is: "the Earth\'s rotation"', True, True),
+    (VARIABLES, "B", "The answer is the independent (manipulated) variable.", True, True),
+    (VARIABLES, "B", "The answer is [the independent (manipulated) variable].", True, True),
+    (VARIABLES, "B", "The answer is the independent manipulated variable.", False, False),
+    (GROUPS, "D", "The answer is group 18 (8A).", False, True),  # the gold's own ")" is stripped from the span
+    (TIMES, "C", "The answer is 1:00 P.M.", False, True),  # the span ends at the first "." of "p.m"
+    (SPEEDS, "1", "The answer is 2.5 m/s.", False, True),  # ... and of "2.5"
+    (SPEEDS, "2", "The answer is 5 m/s.", True, True),
+    (SPEEDS, "2", "The answer is 2.5 m/s.", False, False),  # the span is "2"
+    (SPEEDS, "2", "The answer is 25 m/s", True, False),  # "5 m/s" is a substring of "25 m/s"
+    # two "the answer is": the official rule reads the last
+    (THREE, "C", "The answer is water, but the answer is oil", True, True),
+    (THREE, "B", "The answer is water, but the answer is oil", False, False),
+    (THREE, "B", "The answer is water. Wait, the answer is oil.", False, False),
+    (THREE, "C", "The answer is water. Wait, the answer is oil.", True, True),
+    (PLANET, "C", "I must print 'The answer is (one of the options)'. The answer is Planetary days will become shorter.",
+     True, True),
+    (PLANET, "C", "The answer is Planetary days will become shorter. I said 'the answer is (one of the options)'.",
+     False, True),  # official: the span is "one of the options"; ours: that names no option, so the last line
+    (THREE, "C", "The Answer Is oil", True, True),  # any case
     (THREE, "C", "The answer is (oil). Oil floats on water.", True, True),
-    (THREE, "C", "Oil floats, so I pick oil", True, True),  # no marker: the last fragment
-    (THREE, "C", "Oil floats, so I pick oil.", False, True),  # ... which is empty after a final period
-    (THREE, "C", "The answer is 'water' or 'oil'.", True, False),  # official: any substring; ours: the first named
-    (PLANET, "C", "The answer is: Planetary days will become shorter.", False, True),  # gold ends in "."
-    (THREE, "B", "The answer is salt water.", True, False),  # "water" is inside "salt water"
+    # no "the answer is": the last "."-separated fragment, after the final "." is dropped
+    (THREE, "C", "It must be oil.", True, True),
+    (THREE, "C", "Oil floats, so I pick oil", True, True),
+    (THREE, "C", "I pick oil. Water sinks.", False, True),  # official: the fragment is "water sinks"
+    (THREE, "B", "I pick oil. Water sinks.", True, False),
+    (PLANET, "C", "Planetary days will become shorter.", True, True),
+    (PLANET, "C", "Days get shorter.", False, False),
+    (PLANET, "C", "", False, False),
+    # option labels: the official rule compares option texts only
+    (THREE, "C", "The answer is C", False, True),
+    (FIVE, "E", "The answer is (E).", False, True),
+    (SPEEDS, "3", "The answer is 3.", False, True),
+    (STATES, "B", "The answer is B: a liquid.", True, True),
+    (STATES, "B", "The answer is A liquid.", True, True),  # "A" is the article
+    (LEGS, "C", "The answer is 14 legs.", True, True),
+    (LEGS, "A", "The answer is 14 legs.", True, False),  # "4" is a substring of "14"
+    # several options, or every option listed
+    (PLANET, "C", PLANET_LIST, False, False),  # the span ends at the first option's "."
+    (PLANET, "A", PLANET_LIST, True, False),
+    (THREE, "B", "The answer is ['salt water', 'water', 'oil']", True, False),
+    (THREE, "C", "The answer is ['salt water', 'water', 'oil']", True, False),
+    (THREE, "B", "The answer is water or oil.", True, False),
+    (THREE, "A", "The answer is salt water.", True, True),
+    (THREE, "B", "The answer is salt water.", True, False),  # "water" is a substring of "salt water"
 ]
 
 
@@ -236,6 +302,29 @@ def test_evaluate_scores_greedy_and_samples(tiny_llama_dir, tmp_path, monkeypatc
     m = summary["metrics"]
     assert m["greedy"]["correct"] == 2 and m["maj@3"]["correct"] == 1 and m["pass@3"]["correct"] == 2
     assert summary["accuracy"] == 1.0 and summary["n"] == 2
+
+
+def test_llama31_prompt_has_one_bos(tiny_llama3_dir, tmp_path, monkeypatch):
+    """Llama 3.1's chat template writes <|begin_of_text|> itself. The official script encodes the rendered template
+    with the tokenizer's BOS on top (two BOS); the prompts eval.py generates from must have exactly one."""
+    from model import load
+
+    model, tokenizer = load(tiny_llama3_dir)
+    bos = tokenizer.bos_id
+    examples = data.read_jsonl(write_jsonl(tmp_path / "g.jsonl", GSM8K_RECORDS[:2]))
+    rendered = data.chat_prompt_text(tokenizer, examples[0])
+    assert rendered.startswith("<|begin_of_text|>")
+    assert tokenizer.tk.encode(rendered, add_special_tokens=True).ids[:2] == [bos, bos]  # the official encoding
+    seen = []
+
+    def generate(model, prompts, max_new_tokens, **kwargs):
+        seen.extend(prompts)
+        return [[tokenizer.eos_ids[0]] for _ in prompts]
+
+    monkeypatch.setattr(ev, "generate", generate)
+    records, _ = ev.evaluate(model, tokenizer, examples, max_new_tokens=4)
+    assert len(seen) == 2 and all(p[0] == bos and p.count(bos) == 1 for p in seen)
+    assert all(r["prompt"].count("<|begin_of_text|>") == 1 for r in records)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
