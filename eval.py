@@ -378,19 +378,25 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def prepare_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
-    """Ids of the questions already in `out`. Refuses (ValueError) a file written with other settings."""
-    summary_file = summary_path(out)
-    if overwrite and out.exists():
-        for path in (out, summary_file):
-            if path.exists():
-                os.replace(path, path.with_name(path.name + ".bak"))  # kept, not deleted: --overwrite can be a typo
-        print(f"--overwrite: moved the previous results to {out}.bak")
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(summary_file, {"settings": settings, "complete": False})  # settings first: a crash
-        out.touch()                                                                    # leaves a resumable pair
+def check_out_location(out: Path) -> None:
+    """Fails before anything loads if `out` can never be written."""
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; expected the path of a .jsonl results file")
+    parent = out.parent
+    while not parent.exists():  # directories still to be created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out}: not writable (permission denied)")
+
+
+def read_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
+    """Ids of the questions already in `out` (none with --overwrite). Refuses (ValueError) a file written with other
+    settings. Writes nothing."""
+    if overwrite or not out.exists():
         return set()
+    summary_file = summary_path(out)
     if not summary_file.exists():
         raise ValueError(f"{out} exists but {summary_file} does not, so its settings are unknown; "
                          "choose another --out or pass --overwrite")
@@ -404,11 +410,27 @@ def prepare_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
                            for k, v in settings.items() if previous.get(k) != v)
         raise ValueError(f"{out} was written with different settings ({differ}); "
                          "choose another --out or pass --overwrite")
+    return {r["id"] for r in read_records(out)}
+
+
+def start_output(out: Path, settings: dict, overwrite: bool) -> None:
+    """Makes `out` ready for appending. Called only once the model, tokenizer and data have loaded, so that a failed
+    load leaves nothing behind."""
+    summary_file = summary_path(out)
+    if overwrite and out.exists():
+        for path in (out, summary_file):
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".bak"))  # kept, not deleted: --overwrite can be a typo
+        print(f"--overwrite: moved the previous results to {out}.bak")
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(summary_file, {"settings": settings, "complete": False})  # settings first: a crash
+        out.touch()                                                                    # leaves a resumable pair
+        return
     with open(out, "rb+") as f:  # drop a torn last line, so the next append starts on a fresh line
         body = f.read()
         if body and not body.endswith(b"\n"):
             f.truncate(body.rfind(b"\n") + 1)
-    return {r["id"] for r in read_records(out)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -513,17 +535,56 @@ def default_out(args) -> Path:
     return Path("runs/eval") / f"{model_name}-{dataset_name}{split}{sampled}.jsonl"
 
 
-def setup_distributed(device_flag):
+def choose_device(flag: str | None, world: int, local_rank: int, cuda_available: bool) -> str:
+    """This process's device. Under torchrun (world > 1) each process takes its own GPU, cuda:LOCAL_RANK, as train.py
+    does; a single named GPU (cuda:1) would put every process on it, so it is refused there."""
+    flag = flag or ("cuda" if cuda_available else "cpu")
+    if not flag.startswith("cuda"):
+        return flag
+    if not cuda_available:
+        raise ValueError(f"--device {flag}: no CUDA device is available; use --device cpu")
+    if world > 1 and flag != "cuda":
+        raise ValueError(f"--device {flag}: under torchrun every process would share that one GPU; "
+                         "pass --device cuda (process i then uses cuda:LOCAL_RANK)")
+    return f"cuda:{local_rank}" if world > 1 else flag
+
+
+def setup_distributed(device_flag) -> str:
     """torchrun sets WORLD_SIZE; a plain `python eval.py` runs as one process and never touches torch.distributed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and not (device_flag or "").startswith("cpu")
-    device = device_flag or (f"cuda:{local_rank}" if cuda and world > 1 else ("cuda" if cuda else "cpu"))
+    device = choose_device(device_flag, world, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
     if world > 1:
-        if cuda:
+        if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return device
+
+
+def on_rank0(rank: int, fn):
+    """fn() on rank 0, which owns the files; its result, or the error that stops everyone, goes to every rank so
+    that none waits forever."""
+    message = [None, None]
+    if rank == 0:
+        try:
+            message = [None, fn()]
+        except (ValueError, OSError) as e:
+            message = [str(e), None]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise ValueError(message[0])
+    return message[1]
+
+
+def check_context(model, tokenizer, examples, max_new_tokens) -> None:
+    """The longest prompt plus max_new_tokens must fit the model's context: generate() allocates a KV cache that
+    long before its first step."""
+    longest, name = max((len(data.chat_prompt(tokenizer, ex)), ex.id) for ex in examples)
+    context = model.args.max_seq_len
+    if longest + max_new_tokens > context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({name}, {longest} tokens) plus "
+                         f"{max_new_tokens} new tokens exceeds the model's context of {context} tokens "
+                         f"(max_position_embeddings); at most {max(context - longest, 0)} new tokens fit")
 
 
 def main(argv=None) -> int:
@@ -545,24 +606,14 @@ def main(argv=None) -> int:
 
 
 def run(args, rank) -> int:
-    examples = data.load_dataset(args.dataset, args.split, args.limit)
     out = Path(args.out) if args.out else default_out(args)
+    check_out_location(out)
+    examples = data.load_dataset(args.dataset, args.split, args.limit)
+    selected = {ex.id for ex in examples}
     settings = run_settings(args)
     device = setup_distributed(args.device)
     distributed = torch.distributed.is_initialized()
-
-    # Rank 0 owns the files. It tells the other ranks which questions are done, or the error that stops everyone.
-    message = [None, set()]
-    if rank == 0:
-        try:
-            message = [None, prepare_output(out, settings, args.overwrite)]
-        except (ValueError, OSError) as e:  # reported by every rank below, so none waits forever
-            message = [str(e), set()]
-    if distributed:
-        torch.distributed.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise ValueError(message[0])
-    done = message[1]
+    done = on_rank0(rank, lambda: read_output(out, settings, args.overwrite))
     pending = [ex for ex in examples if ex.id not in done]
     summary_file = summary_path(out)
 
@@ -574,8 +625,10 @@ def run(args, rank) -> int:
         f"{len(examples) - len(pending)} already in {out}, {len(pending)} to go")
     if pending:
         model, tokenizer = load(args.model, device=device)
+        check_context(model, tokenizer, pending, args.max_new_tokens)
+        on_rank0(rank, lambda: start_output(out, settings, args.overwrite))  # inputs loaded: now create outputs
         start, counts = time.time(), {"done": len(examples) - len(pending), "new_tokens": 0}
-        previous = read_records(out) if rank == 0 else []  # for the running accuracy
+        previous = [r for r in read_records(out) if r["id"] in selected] if rank == 0 else []  # running accuracy
 
         def on_records(new):
             if rank != 0:
@@ -598,12 +651,17 @@ def run(args, rank) -> int:
     if rank != 0:
         return 0
 
+    # Score this run's selection only: the file may hold more questions (an earlier run without --limit).
     records = read_records(out)
-    in_file = {r["id"] for r in records}
+    scored = [r for r in records if r["id"] in selected]
     summary = {
         "model": args.model, "dataset": args.dataset, "split": settings["split"], "settings": settings,
-        "complete": all(ex.id in in_file for ex in examples), "out": str(out),
-    } | summarize(records)
+        "complete": len({r["id"] for r in scored}) == len(selected), "out": str(out),
+    } | summarize(scored)
+    if len(scored) < len(records):
+        summary["outside_selection"] = len(records) - len(scored)
+        log(f"{len(records) - len(scored)} records in {out} are for questions outside this selection "
+            f"(e.g. an earlier run without --limit): kept, not scored")
     if pending:  # speed of this invocation (a resumed run reports only its own part)
         summary |= {"new_questions": len(pending), "seconds": round(run_summary["seconds"], 3),
                     "tokens_per_s": round(run_summary["tokens_per_s"], 1), "batch_size": args.batch_size,

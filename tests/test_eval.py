@@ -191,7 +191,7 @@ OFFICIAL_ARC_CASES = [
     (THREE, "B", "The answer is water, but the answer is oil", False, False),
     (THREE, "B", "The answer is water. Wait, the answer is oil.", False, False),
     (THREE, "C", "The answer is water. Wait, the answer is oil.", True, True),
-    (PLANET, "C", "I must print 'The answer is (one of the options)'. The answer is Planetary days will become shorter.",
+    (PLANET, "C", "I print 'The answer is (one of the options)'. The answer is Planetary days will become shorter.",
      True, True),
     (PLANET, "C", "The answer is Planetary days will become shorter. I said 'the answer is (one of the options)'.",
      False, True),  # official: the span is "one of the options"; ours: that names no option, so the last line
@@ -425,6 +425,74 @@ def test_cli_bad_input(tiny_llama_dir, five_questions, tmp_path, capsys):
     code, log = run_cli(["--model", tiny_llama_dir, "--dataset", five_questions, "--out", foreign], capsys)
     assert code == 2 and "settings are unknown" in log and foreign.read_text() == '{"id": "five-0"}\n'
     assert not out.exists()
+
+
+def test_cli_checks_out_before_loading(tiny_llama_dir, five_questions, tmp_path, monkeypatch, capsys):
+    loads = []
+    monkeypatch.setattr(ev, "load", lambda *a, **k: loads.append(a) or pytest.fail("loaded the model"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me\n")
+    base = ["--model", tiny_llama_dir, "--dataset", five_questions]
+    code, log = run_cli(base + ["--out", a_file / "runs" / "r.jsonl"], capsys)
+    assert code == 2 and f"{a_file} is a file, not a directory" in log and "Errno" not in log
+    (tmp_path / "d.jsonl").mkdir()
+    code, log = run_cli(base + ["--out", tmp_path / "d.jsonl"], capsys)
+    assert code == 2 and "is a directory" in log
+    assert loads == [] and a_file.read_text() == "keep me\n"
+
+
+def test_cli_failed_load_leaves_nothing(tiny_llama_dir, five_questions, tmp_path, capsys):
+    out = tmp_path / "runs" / "r.jsonl"
+    base = ["--dataset", five_questions, "--out", out, "--max-new-tokens", 2, "--limit", 1]
+    code, log = run_cli(["--model", tmp_path / "no-such-model"] + base, capsys)
+    assert code == 2 and "no-such-model" in log
+    assert not out.exists() and not ev.summary_path(out).exists()
+    code, log = run_cli(["--model", tiny_llama_dir] + base, capsys)  # the corrected rerun starts
+    assert code == 0, log
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_cli_max_new_tokens_must_fit_the_context(tiny_llama_dir, five_questions, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("generated"))
+    out = tmp_path / "r.jsonl"
+    code, log = run_cli(["--model", tiny_llama_dir, "--dataset", five_questions, "--out", out,
+                         "--max-new-tokens", 1_000_000], capsys)
+    assert code == 2 and "--max-new-tokens 1000000" in log and "context of 512 tokens" in log
+    from model import Tokenizer
+    tokenizer = Tokenizer(tiny_llama_dir)
+    longest = max(len(data.chat_prompt(tokenizer, ex)) for ex in data.read_jsonl(five_questions))
+    assert f"at most {512 - longest} new tokens fit" in log
+    assert not out.exists()
+
+
+def test_cli_scores_only_this_selection(tiny_llama_dir, five_questions, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    base = ["--model", tiny_llama_dir, "--dataset", five_questions, "--out", out, "--max-new-tokens", 2]
+    assert run_cli(base, capsys)[0] == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for i, r in enumerate(records):  # make the questions outside the selection count if they were scored
+        r["correct"] = i >= 3
+    write_jsonl(out, records)
+    before = out.read_bytes(), ev.summary_path(out).read_bytes()
+    code, log = run_cli(base + ["--limit", 3], capsys)
+    assert code == 0, log
+    assert "3 already in" in log and "0 to go" in log
+    assert "greedy: 0/3 = 0.0%" in log and "2 records" in log and "outside this selection" in log
+    assert (out.read_bytes(), ev.summary_path(out).read_bytes()) == before  # nothing rewritten
+
+
+def test_choose_device():
+    assert ev.choose_device(None, 1, 0, cuda_available=False) == "cpu"
+    assert ev.choose_device(None, 1, 0, cuda_available=True) == "cuda"
+    assert ev.choose_device(None, 4, 3, cuda_available=True) == "cuda:3"
+    assert ev.choose_device("cuda", 4, 2, cuda_available=True) == "cuda:2"  # torchrun: one GPU per process
+    assert ev.choose_device("cuda:1", 1, 0, cuda_available=True) == "cuda:1"
+    assert ev.choose_device("cpu", 4, 2, cuda_available=True) == "cpu"
+    assert ev.choose_device(None, 2, 1, cuda_available=False) == "cpu"  # gloo on CPU
+    with pytest.raises(ValueError, match="--device cuda:1: under torchrun every process would share"):
+        ev.choose_device("cuda:1", 4, 2, cuda_available=True)
+    with pytest.raises(ValueError, match="--device cuda: no CUDA device is available"):
+        ev.choose_device("cuda", 1, 0, cuda_available=False)
 
 
 def test_compare_reports_paired_flips(tmp_path, capsys):
