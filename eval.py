@@ -32,7 +32,9 @@ Usage:
     python eval.py --compare runs/eval/base.jsonl runs/eval/trained.jsonl
 
 Results go to a JSONL file (one line per question, appended after every batch, so an interrupted run resumes where
-it stopped) and a summary JSON next to it. train.py calls `evaluate()` directly on the model in memory.
+it stopped) and a summary JSON next to it; both are created only once the model and data have loaded. A run scores
+the questions it selects (--limit N: the first N), even when its file holds more. train.py calls `evaluate()`
+directly on the model in memory.
 """
 
 import argparse
