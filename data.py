@@ -27,6 +27,7 @@ baseline) has the <<48/2=24>> calculator annotations removed.
 
 import json
 import os
+import random
 import re
 import hashlib
 import urllib.parse
@@ -38,7 +39,8 @@ GSM8K_TRIGGER = "Let's think step by step."
 ARC_TRIGGER = "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
 
 # Named datasets and their splits. GSM8K has no validation split; carve one out of train if you need it.
-SPLITS = {"gsm8k": ("train", "test"), "arc_challenge": ("train", "validation", "test")}
+SPLITS = {"gsm8k": ("train", "test"), "arc_challenge": ("train", "validation", "test"),
+          "arith": ("train", "test")}
 
 GSM8K_COMMIT = "3101c7d5072418e28b9008a6636bde82a006892c"  # openai/grade-school-math, 2021-11-19
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/{commit}/grade_school_math/data/{split}.jsonl"
@@ -282,6 +284,8 @@ def load_dataset(name_or_path: str, split: str = "train", limit: int | None = No
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of questions, got {limit}")
+    if name_or_path == "arith":
+        return arith_examples(split)[:limit]
     return read_jsonl(resolve(name_or_path, split), limit=limit)
 
 
@@ -308,3 +312,60 @@ def chat_prompt_text(tokenizer, example: Example) -> str:
 def chat_prompt(tokenizer, example: Example) -> list[int]:
     """Token ids of the prompt x. The tokenizer adds BOS unless the rendered template already starts with it."""
     return tokenizer.encode(chat_prompt_text(tokenizer, example), add_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A synthetic task for laptop-scale runs
+
+
+ARITH_SIZES = {"train": 2000, "test": 500}
+NAMES = ("Ava", "Ben", "Cleo", "Dev", "Ema", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena", "Milo", "Nora")
+ITEMS = ("apples", "marbles", "stickers", "pencils", "coins", "shells", "cards", "books", "eggs", "stamps")
+TIMES = {2: "doubles", 3: "triples"}
+
+
+def arith_examples(split: str, seed: int = 1234) -> list[Example]:
+    """`arith`: one- to three-step word problems (+, -, x) in the GSM8K layout, generated from a fixed seed.
+
+    It exists so that a laptop can check that LaTRO teaches a small model to *answer* (SmolLM2-135M-Instruct gets
+    a minority of these right greedily, often computing the answer and then rambling on), not as a benchmark. Train
+    and test are one seeded stream of distinct questions cut in two, so they never overlap.
+
+        Ava has 7 marbles. She buys 5 more marbles. Then she gives away 3 marbles. How many marbles does Ava have now?
+        Ava starts with 7. 7 + 5 = 12. 12 - 3 = 9. #### 9
+    """
+    if split not in ARITH_SIZES:
+        raise ValueError(f"arith has no split {split!r}: expected one of {', '.join(ARITH_SIZES)}")
+    rng, seen, records = random.Random(seed), set(), []
+    while len(records) < sum(ARITH_SIZES.values()):
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        pronoun = "She" if name in ("Ava", "Cleo", "Ema", "Hana", "Jade", "Lena", "Nora") else "He"
+        value = rng.randint(2, 12)
+        sentences, steps = [f"{name} has {value} {item}."], [f"{name} starts with {value}."]
+        for _ in range(rng.randint(1, 3)):
+            op = rng.choice("+-x")
+            if op == "+":
+                b = rng.randint(2, 9)
+                sentences.append(f"{pronoun} buys {b} more {item}.")
+                steps.append(f"{value} + {b} = {value + b}.")
+                value += b
+            elif op == "-" and value > 2:
+                b = rng.randint(1, value - 1)
+                sentences.append(f"{pronoun} gives away {b} {item}.")
+                steps.append(f"{value} - {b} = {value - b}.")
+                value -= b
+            elif op == "x" and value <= 15:
+                k = rng.choice(list(TIMES))
+                sentences.append(f"{pronoun} {TIMES[k]} the number of {item} {pronoun.lower()} has.")
+                steps.append(f"{value} x {k} = {value * k}.")
+                value *= k
+        if len(sentences) == 1:
+            continue
+        question = " ".join(sentences[:1] + [sentences[1]] + [f"Then {s[0].lower()}{s[1:]}" for s in sentences[2:]])
+        question += f" How many {item} does {name} have now?"
+        if question in seen:
+            continue
+        seen.add(question)
+        records.append(gsm8k_example(f"arith-{len(records)}", question, " ".join(steps) + f" #### {value}"))
+    n_train = ARITH_SIZES["train"]
+    return records[:n_train] if split == "train" else records[n_train:]

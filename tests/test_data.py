@@ -256,3 +256,30 @@ def test_prompt_without_chat_template_is_the_official_fallback(tiny_llama_dir, t
     assert data.chat_prompt_text(tokenizer, gsm) == GSM8K_LINES[0]["question"] + "\nLet's think step by step."
     assert data.chat_prompt_text(tokenizer, arc) == (
         "Question: Which is a liquid?\nOptions: ['ice', 'water', 'steam']\nAnswer: Let's think step by step.")
+
+
+def test_arith_is_deterministic_disjoint_and_self_consistent():
+    train, test = data.load_dataset("arith", "train"), data.load_dataset("arith", "test")
+    assert (len(train), len(test)) == (data.ARITH_SIZES["train"], data.ARITH_SIZES["test"])
+    assert [e.question for e in data.arith_examples("train")] == [e.question for e in train]  # same seed, same data
+    assert not {e.question for e in train} & {e.question for e in test}
+    assert data.load_dataset("arith", "test", limit=5) == test[:5]
+    for e in train + test:
+        # the gold rationale's steps, re-computed by Python, end at the gold answer and follow the question's verbs
+        start = int(e.rationale.split(" starts with ")[1].split(".")[0])
+        steps = e.rationale.split(". ")[1:]
+        verbs = [w for w in ("buys", "gives away", "doubles", "triples") for _ in range(e.question.count(w))]
+        assert 1 <= len(steps) <= 3 and len(verbs) == len(steps)
+        value = start
+        for step in steps:
+            lhs, rhs = step.rstrip(".").split(" = ")
+            a, op, b = lhs.split()
+            assert int(a) == value  # each step starts from the previous result
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op]
+            assert value == int(rhs) and value >= 0
+        assert str(value) == e.answer and e.answer_text == f"The answer is {value}."
+
+
+def test_arith_has_no_validation_split():
+    with pytest.raises(ValueError, match="arith has no split 'validation'"):
+        data.load_dataset("arith", "validation")
