@@ -13,6 +13,7 @@ autocast (DDP) or FSDP2's MixedPrecisionPolicy, and sampling uses a bf16 copy of
 step, so a sharded policy is gathered once per step rather than at every decoding step.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -43,9 +44,10 @@ LAPTOP = dict(lr=5e-6, num_samples=4, questions_per_step=2, max_rationale_tokens
 PAPER_MODELS = ("llama-3.1-8b", "mistral-7b", "phi-3.5-mini")
 BETA = {"gsm8k": 0.05, "arc_challenge": 0.25}  # the paper's KL coefficients
 MAX_BAD_STEPS = 3  # abort after this many non-finite losses in a row
-# Flags that decide which questions a step sees and what it optimises: a resumed run keeps the recorded values, and
-# changing one is an error unless --allow-recipe-change (the change is then recorded in trainer_state.json).
-RECIPE = ("dataset", "split", "limit", "method", "questions_per_step", "num_samples", "lr", "warmup_steps",
+# Flags that decide which questions a step sees and what it optimises (--steps sets the learning-rate decay): a
+# resumed run keeps the recorded values, and changing one is an error unless --allow-recipe-change (the change is
+# then recorded in trainer_state.json).
+RECIPE = ("dataset", "split", "limit", "method", "steps", "questions_per_step", "num_samples", "lr", "warmup_steps",
           "weight_decay", "grad_clip", "beta", "answer_weight", "max_rationale_tokens", "temperature", "top_p",
           "top_k", "no_nonstop_penalty", "penalty_factor", "seed")
 # Flags that belong to one invocation, never restored from the checkpoint.
@@ -564,7 +566,10 @@ def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharde
         for path in [mine] + ([p for p in os.listdir(out_dir) if p.startswith(os.path.basename(tmp))] if rank == 0
                               else []):
             path = os.path.join(out_dir, path)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
         raise TrainingStopped(f"{final}: could not be written ({error}); its partial files were removed; last "
                               f"complete checkpoint: {(checkpoints(out_dir) or ['none'])[-1]}")
     if rank == 0 and args.keep_last:
@@ -599,6 +604,11 @@ def restore_run_args(args, state):
     given flag that changes the data order or the objective (RECIPE) is an error unless --allow-recipe-change;
     allowed changes are recorded, with the step they started at, in args.recipe_changes."""
     saved = state.get("args") or {}
+    steps = args.steps if "steps" in args.explicit else saved.get("steps")
+    if steps is not None and steps <= state["step"]:
+        raise ValueError(f"--steps {steps}: {args.resume} is already at step {state['step']}; expected --steps > "
+                         f"{state['step']} to train further (with --allow-recipe-change: the learning-rate decay "
+                         "then changes)")
     changes = []
     for key, value in saved.items():
         if key in PER_INVOCATION or key == "recipe_changes" or not hasattr(args, key):
@@ -751,13 +761,15 @@ def train(args):
         restore_run_args(args, resume_state)
     fill_defaults(args)
     check_args(args, world)
-    if resume_state and args.steps <= resume_state["step"]:
-        raise ValueError(f"--steps {args.steps}: {args.resume} is already at step {resume_state['step']}; expected "
-                         f"--steps > {resume_state['step']} to train further")
     lock, status = None, {"step": resume_state["step"] if resume_state else 0}
     try:
         lock = on_rank0(lambda: prepare_run_dir(args, status["step"]), rank, world)
-        return run(args, device, rank, world, resume_state, status)
+        run(args, device, rank, world, resume_state, status)
+        if world > 1:
+            # after run() has returned: gloo aborts at exit now and then (1 in ~10 on 2 CPU ranks) when FSDP
+            # modules holding communication buffers outlive the process group
+            gc.collect()
+            dist.destroy_process_group()
     except KeyboardInterrupt:
         if lock:
             remove_partials(args.out)
@@ -930,8 +942,6 @@ def run(args, device, rank, world, resume_state, status):
               f"{time.time() - t_run:.0f}s | final reward {last.get('reward', float('nan')):.3f} kl "
               f"{last.get('kl', float('nan')):.4f} loss {last.get('loss', float('nan')):.4f} | "
               f"checkpoint {last_saved or 'none'} | metrics {metrics_path}", flush=True)
-    if world > 1:
-        dist.destroy_process_group()
     return policy
 
 
