@@ -314,12 +314,12 @@ def first_error(message, world):
 
 
 def on_rank0(fn, rank, world):
-    """fn() on rank 0; a bad-input error there is raised on every rank."""
+    """fn() on rank 0; a bad-input or file-system error there is raised on every rank."""
     result, error = None, None
     if rank == 0:
         try:
             result = fn()
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             error = str(e)
     error = first_error(error, world)
     if error:
@@ -606,9 +606,9 @@ def restore_run_args(args, state):
     saved = state.get("args") or {}
     steps = args.steps if "steps" in args.explicit else saved.get("steps")
     if steps is not None and steps <= state["step"]:
-        raise ValueError(f"--steps {steps}: {args.resume} is already at step {state['step']}; expected --steps > "
-                         f"{state['step']} to train further (with --allow-recipe-change: the learning-rate decay "
-                         "then changes)")
+        raise ValueError(f"--steps {steps}: {args.resume} is already at step {state['step']}; to train further, "
+                         f"pass --steps N > {state['step']} with --allow-recipe-change (a longer run has another "
+                         "learning-rate decay)")
     changes = []
     for key, value in saved.items():
         if key in PER_INVOCATION or key == "recipe_changes" or not hasattr(args, key):

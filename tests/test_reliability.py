@@ -137,7 +137,7 @@ def test_resume_with_steps_not_past_the_checkpoint_is_an_error(straight, tmp_pat
     before = snapshot(str(tmp_path / "r"))
     one_line_error(train(["--resume", ckpt, "--steps", "2"], check=False), "--steps 2", "already at step 4")
     # a finished run resumed without --steps: its recorded --steps 4 is reached already
-    one_line_error(train(["--resume", ckpt], check=False), "--steps 4", "expected --steps > 4")
+    one_line_error(train(["--resume", ckpt], check=False), "--steps 4", "pass --steps N > 4")
     assert snapshot(str(tmp_path / "r")) == before
 
 
