@@ -514,7 +514,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
                 done[b] = True
         keep = [j for j, b in enumerate(rows) if not done[b]]
         if progress is not None:
-            progress(done=step + 1, total=max_new_tokens, rows_finished=B - len(keep), rows=B, tokens=n_tokens)
+            finished = B if step == max_new_tokens - 1 else B - len(keep)  # the last step ends every row
+            progress(done=step + 1, total=max_new_tokens, rows_finished=finished, rows=B, tokens=n_tokens)
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) <= 3 * len(rows) // 4:

@@ -61,6 +61,20 @@ def one_line_error(p, *phrases, rc=2):
     return lines[0]
 
 
+def main_error(argv, capsys, *phrases, rc=2):
+    """train.main in this process (no interpreter start-up: for failures that come before or just after loading):
+    exit code rc and exactly one 'error:' line holding the phrases."""
+    import train as trainer
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        trainer.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == rc and len(err) == 1 and err[0].startswith("error: "), err
+    for phrase in phrases:
+        assert phrase in err[0], err[0]
+    return err[0]
+
+
 def weights(checkpoint):
     return load_file(os.path.join(checkpoint, "model.safetensors"))
 
@@ -118,13 +132,13 @@ def test_resume_alone_restores_every_flag_and_matches_a_straight_run(straight, t
         assert saved[key] == original[key], key
 
 
-def test_resume_refuses_a_recipe_change_unless_allowed_and_records_it(straight, tmp_path):
+def test_resume_refuses_a_recipe_change_unless_allowed_and_records_it(straight, tmp_path, capsys):
     ckpt = copy_checkpoint(straight, 2, str(tmp_path / "r"))
     before = snapshot(str(tmp_path / "r"))
-    p = train(["--resume", ckpt, "--num-samples", "3"], check=False)
-    one_line_error(p, "--num-samples 3", "(the run has 2)", "--allow-recipe-change")
+    main_error(["--resume", ckpt, "--num-samples", "3"], capsys, "--num-samples 3", "(the run has 2)",
+               "--allow-recipe-change")
     assert snapshot(str(tmp_path / "r")) == before
-    one_line_error(train(["--resume", ckpt, "--steps", "6"], check=False), "--steps 6", "(the run has 4)")
+    main_error(["--resume", ckpt, "--steps", "6"], capsys, "--steps 6", "(the run has 4)")
     p = train(["--resume", ckpt, "--num-samples", "3", "--allow-recipe-change", "--steps", "3"])
     assert "K=3" in p.stdout
     state = json.load(open(tmp_path / "r" / "checkpoint-000003" / "trainer_state.json"))
@@ -132,12 +146,12 @@ def test_resume_refuses_a_recipe_change_unless_allowed_and_records_it(straight, 
                                                {"step": 2, "flag": "num_samples", "from": 2, "to": 3}]
 
 
-def test_resume_with_steps_not_past_the_checkpoint_is_an_error(straight, tmp_path):
+def test_resume_with_steps_not_past_the_checkpoint_is_an_error(straight, tmp_path, capsys):
     ckpt = copy_checkpoint(straight, 4, str(tmp_path / "r"))
     before = snapshot(str(tmp_path / "r"))
-    one_line_error(train(["--resume", ckpt, "--steps", "2"], check=False), "--steps 2", "already at step 4")
+    main_error(["--resume", ckpt, "--steps", "2"], capsys, "--steps 2", "already at step 4")
     # a finished run resumed without --steps: its recorded --steps 4 is reached already
-    one_line_error(train(["--resume", ckpt], check=False), "--steps 4", "pass --steps N > 4")
+    main_error(["--resume", ckpt], capsys, "--steps 4", "pass --steps N > 4")
     assert snapshot(str(tmp_path / "r")) == before
 
 
@@ -221,7 +235,7 @@ def test_second_run_into_a_busy_dir_is_refused_and_ctrl_c_says_how_to_resume(tmp
     assert steps_of(out) == list(range(1, len(steps_of(out)) + 1))  # one run's steps, in order
 
 
-def test_a_stale_lock_of_a_dead_process_is_reported_and_taken_over(tmp_path, model_451, gsm6):
+def test_a_stale_lock_of_a_dead_process_is_reported_and_taken_over(tmp_path, model_451, gsm6, capsys):
     out = tmp_path / "run"
     out.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -230,17 +244,17 @@ def test_a_stale_lock_of_a_dead_process_is_reported_and_taken_over(tmp_path, mod
     p = train(["--model", model_451, "--dataset", gsm6, "--out", str(out), "--steps", "1", "--no-save", *TINY])
     assert f"taking over the lock of pid {dead.pid}" in p.stdout
     (out / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")  # a live process: refused
-    p = train(["--model", model_451, "--dataset", gsm6, "--out", str(out), "--steps", "1", "--overwrite", *TINY],
-              check=False)
-    one_line_error(p, "in use by another run")
+    main_error(["--model", model_451, "--dataset", gsm6, "--out", str(out), "--steps", "1", "--overwrite", *TINY],
+               capsys, "in use by another run")
 
 
-def test_resume_into_a_dir_holding_another_run_is_refused_then_moved_aside(straight, tmp_path, model_451, gsm6):
+def test_resume_into_a_dir_holding_another_run_is_refused_then_moved_aside(straight, tmp_path, model_451, gsm6,
+                                                                            capsys):
     other = str(tmp_path / "other")
     train(["--model", model_451, "--dataset", gsm6, "--out", other, "--steps", "2", "--seed", "9", *TINY[:-2]])
     before = snapshot(other)
     ckpt = os.path.join(straight, "checkpoint-000002")
-    one_line_error(train(["--resume", ckpt, "--out", other], check=False), "already holds another run")
+    main_error(["--resume", ckpt, "--out", other], capsys, "already holds another run")
     assert snapshot(other) == before
     p = train(["--resume", ckpt, "--out", other, "--overwrite"])
     assert f"moved the previous run in {other} to {other}.bak" in p.stdout
@@ -261,11 +275,10 @@ def test_overwrite_moves_the_whole_old_run_aside(tmp_path, model_451, gsm6):
     assert snapshot(out + ".bak") == before
 
 
-def test_out_under_a_regular_file_is_refused_before_anything_loads(tmp_path, gsm6):
+def test_out_under_a_regular_file_is_refused_before_anything_loads(tmp_path, gsm6, capsys):
     (tmp_path / "file").write_text("x")
-    p = train(["--model", str(tmp_path / "no-such-model"), "--dataset", gsm6, "--out", str(tmp_path / "file" / "run"),
-               "--steps", "1"], check=False)
-    one_line_error(p, "--out", "cannot create the run directory")
+    main_error(["--model", str(tmp_path / "no-such-model"), "--dataset", gsm6, "--out", str(tmp_path / "file" / "run"),
+                "--steps", "1"], capsys, "--out", "cannot create the run directory")
 
 
 def test_a_failed_save_leaves_no_partial_and_says_so(tmp_path, model_451, gsm6):
@@ -306,20 +319,18 @@ def test_keep_last_keeps_the_newest(tmp_path, model_451, gsm6):
 # One clear line (items 7, 8, 11, 12, 17, 18)
 
 @pytest.mark.parametrize("name", ["optimizer.safetensors", "rng-rank0.safetensors"])
-def test_a_truncated_optimizer_or_rng_file_is_one_line(straight, tmp_path, name):
+def test_a_truncated_optimizer_or_rng_file_is_one_line(straight, tmp_path, name, capsys):
     ckpt = copy_checkpoint(straight, 2, str(tmp_path / "r"))
     path = os.path.join(ckpt, name)
     data = open(path, "rb").read()
     open(path, "wb").write(data[:len(data) // 2])
-    one_line_error(train(["--resume", ckpt], check=False), path, "not a readable safetensors file")
+    main_error(["--resume", ckpt], capsys, path, "not a readable safetensors file")
 
 
-def test_resume_of_a_missing_dir_or_a_run_dir_lists_the_checkpoints(straight):
-    one_line_error(train(["--resume", straight], check=False), "is a run directory",
-                   os.path.join(straight, "checkpoint-000004"))
+def test_resume_of_a_missing_dir_or_a_run_dir_lists_the_checkpoints(straight, capsys):
+    main_error(["--resume", straight], capsys, "is a run directory", os.path.join(straight, "checkpoint-000004"))
     missing = os.path.join(straight, "checkpoint-000099")
-    one_line_error(train(["--resume", missing], check=False), "trainer_state.json",
-                   os.path.join(straight, "checkpoint-000001"))
+    main_error(["--resume", missing], capsys, "trainer_state.json", os.path.join(straight, "checkpoint-000001"))
 
 
 def test_a_tokenizer_without_any_eos_fails_at_load(tmp_path):
@@ -384,7 +395,7 @@ def test_generate_reports_progress_that_adds_up(model_451):
     out = generate(model, [[1, 2, 3], [4, 5]], 7, temperature=1.0, num_samples=3, seed=0,
                    progress=lambda **c: calls.append(c))
     assert [c["done"] for c in calls] == list(range(1, len(calls) + 1)) and all(c["total"] == 7 for c in calls)
-    assert calls[-1]["tokens"] == sum(len(o) for o in out) and calls[-1]["rows_finished"] <= 6
+    assert calls[-1]["tokens"] == sum(len(o) for o in out) and calls[-1]["rows_finished"] == 6
     finished = [c["rows_finished"] for c in calls]
     assert finished == sorted(finished)
     assert len(calls) == max(len(o) for o in out)  # one call per decoding step taken
