@@ -193,18 +193,32 @@ def take_lock(out):
     taken over with a note; a live one, or one from another host, is an error."""
     path = os.path.join(out, LOCK)
     me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
+    for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                host, pid = open(path).read().split()
+                text = open(path).read()
+                host, pid = text.split()
                 pid = int(pid)
             except (OSError, ValueError):
-                host, pid = "?", 0
+                text, host, pid = None, "?", 0
             if host == socket.gethostname() and pid and not pid_alive(pid):
-                print(f"note: {out}: taking over the lock of pid {pid}, which is no longer running", flush=True)
-                os.remove(path)
+                # Move the stale lock aside (only one process can move a given file), then check that what moved is
+                # the stale lock and not the fresh one of a process that took it over a moment ago.
+                aside = f"{path}.stale-{os.getpid()}"
+                try:
+                    os.rename(path, aside)
+                except FileNotFoundError:
+                    continue
+                if open(aside).read() != text:
+                    try:
+                        os.link(aside, path)  # put the fresh lock back
+                    except FileExistsError:
+                        pass
+                else:
+                    print(f"note: {out}: taking over the lock of pid {pid}, which is no longer running", flush=True)
+                os.remove(aside)
                 continue
             advice = "wait for it to finish or choose another --out" + (
                 "" if host == socket.gethostname() else f"; if no run uses it, delete {path}")
@@ -778,7 +792,8 @@ def train(args):
         stopped = TrainingStopped(
             f"interrupted during step {status['step'] + 1} ({status['step']} of {args.steps} done); " +
             (f"last checkpoint: {last}; continue with: {launcher} --resume {last}" if last else
-             "no checkpoint written yet (--save-every N writes some); start again with --overwrite"))
+             "no checkpoint written yet (--save-every N writes some); start again" +
+             (" with --overwrite" if os.path.isdir(args.out) and holds_run(args.out) else "")))
         stopped.exit_code = 130
         raise stopped from None
     finally:
