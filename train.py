@@ -543,7 +543,7 @@ def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharde
     tmp = final + ".partial"
     mine = tmp if rank == 0 else f"{tmp}.rank{rank}"
     state = full_state_dict(policy, sharded)  # collective under FSDP: every rank calls it
-    opt = optimizer_tensors(optimizer, policy)
+    opt = optimizer_tensors(optimizer, policy) if sharded or rank == 0 else None  # DDP replicas are identical
     opt_name = f"optimizer-rank{rank}.safetensors" if sharded else "optimizer.safetensors"
     error = None
     try:
