@@ -147,6 +147,9 @@ def check_args(args, world):
         raise ValueError(f"--temperature {args.temperature}: LaTRO samples rationales, expected > 0")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: expected a positive integer")
+    if args.fsdp == "on" and world == 1:
+        raise ValueError("--fsdp on: sharding needs several ranks (torchrun --nproc_per_node N train.py ...); "
+                         "in one process use --fsdp off")
     if args.keep_last < 0:
         raise ValueError(f"--keep-last {args.keep_last}: expected 0 (keep all) or a positive number of checkpoints")
 
@@ -613,7 +616,7 @@ def read_resume_state(args):
     return state
 
 
-def restore_run_args(args, state):
+def restore_run_args(args, state, world):
     """--resume continues the same run: every flag not given now takes the value recorded in the checkpoint. A
     given flag that changes the data order or the objective (RECIPE) is an error unless --allow-recipe-change;
     allowed changes are recorded, with the step they started at, in args.recipe_changes."""
@@ -637,6 +640,8 @@ def restore_run_args(args, state):
                          "run; drop the flag to continue it as it was, or pass --allow-recipe-change")
     args.recipe_changes = saved.get("recipe_changes", []) + [
         {"step": state["step"], "flag": k, "from": old, "to": new} for k, old, new in changes]
+    if world == 1 and args.fsdp == "on" and "fsdp" not in args.explicit:
+        args.fsdp = "off"  # a sharded run resumed in one process: its optimizer state is gathered (a mode change)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -772,7 +777,7 @@ def train(args):
     resume_state = read_resume_state(args) if args.resume else None
     if resume_state:
         args.model = resume_state["base_model"]
-        restore_run_args(args, resume_state)
+        restore_run_args(args, resume_state, world)
     fill_defaults(args)
     check_args(args, world)
     lock, status = None, {"step": resume_state["step"] if resume_state else 0}

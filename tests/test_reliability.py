@@ -180,7 +180,7 @@ def test_fsdp_resume_with_uneven_vocabulary_and_across_modes(straight, tmp_path,
     assert "FSDP2" in p.stdout
     assert close(weights(os.path.join(straight, "checkpoint-000004")), weights(str(tmp_path / "to_fsdp" / "checkpoint-000004")))
     to_single = copy_checkpoint(fsdp, 2, str(tmp_path / "to_single"))
-    p = train(["--resume", to_single, "--fsdp", "off"])
+    p = train(["--resume", to_single])  # the run's --fsdp on cannot hold in one process: resumed unsharded
     assert "| single |" in p.stdout
     assert close(weights(os.path.join(fsdp, "checkpoint-000004")), weights(str(tmp_path / "to_single" / "checkpoint-000004")))
 
@@ -331,6 +331,12 @@ def test_resume_of_a_missing_dir_or_a_run_dir_lists_the_checkpoints(straight, ca
     main_error(["--resume", straight], capsys, "is a run directory", os.path.join(straight, "checkpoint-000004"))
     missing = os.path.join(straight, "checkpoint-000099")
     main_error(["--resume", missing], capsys, "trainer_state.json", os.path.join(straight, "checkpoint-000001"))
+
+
+def test_fsdp_on_in_one_process_is_one_line(tmp_path, model_451, gsm6, capsys):
+    main_error(["--model", model_451, "--dataset", gsm6, "--out", str(tmp_path / "o"), "--fsdp", "on"], capsys,
+               "--fsdp on", "--fsdp off")
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_a_tokenizer_without_any_eos_fails_at_load(tmp_path):
