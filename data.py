@@ -281,12 +281,38 @@ def load_dataset(name_or_path: str, split: str = "train", limit: int | None = No
     """Examples of `split` of "gsm8k", "arc_challenge", a .jsonl file, or a directory holding {split}.jsonl.
 
     A .jsonl file is read as is (`split` is ignored). `limit` keeps the first N questions, in file order.
+    A named dataset whose file holds the other dataset's layout is refused: the name would pick the wrong beta.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of questions, got {limit}")
     if name_or_path == "arith":
         return arith_examples(split)[:limit]
-    return read_jsonl(resolve(name_or_path, split), limit=limit)
+    path = resolve(name_or_path, split)
+    examples = read_jsonl(path, limit=limit)
+    found = task_name(examples[0].task)
+    if name_or_path in SPLITS and found != name_or_path:
+        raise ValueError(f"--dataset {name_or_path}: {path} holds {found}-layout records, not {name_or_path}; "
+                         "pass the .jsonl path itself as --dataset to use it as what it is")
+    return examples
+
+
+def task_name(task: str) -> str:
+    """Example.task ("gsm8k" / "arc") -> the dataset name that keys per-task settings ("gsm8k" / "arc_challenge")."""
+    return "arc_challenge" if task == "arc" else "gsm8k"
+
+
+def detect_task(name_or_path: str, split: str = "train") -> str:
+    """"gsm8k" or "arc_challenge": the name itself, or for a local file the layout of its first record (read
+    without downloading anything). Falls back to "gsm8k" when the file cannot be read; load_dataset reports why."""
+    if name_or_path in SPLITS:
+        return "gsm8k" if name_or_path == "arith" else name_or_path  # arith is in the GSM8K layout
+    try:
+        with open(resolve(name_or_path, split), encoding="utf-8") as f:
+            first = next(line for line in f if line.strip())
+        layout = detect_layout(json.loads(first))
+    except (OSError, ValueError, StopIteration, AttributeError):
+        return "gsm8k"
+    return "arc_challenge" if layout.startswith("arc") else "gsm8k"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

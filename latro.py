@@ -170,18 +170,20 @@ def micro_batches(rollout, size):
 # Steps 1-5: sample, cut, score, penalise, advantage
 
 @torch.no_grad()
-def rollout(policy, reference, tokenizer, prompts, answers, cfg, seeds=None, sampler=None):
+def rollout(policy, reference, tokenizer, prompts, answers, cfg, seeds=None, sampler=None, progress=None):
     """Samples K rationales per question and computes everything the loss needs that carries no gradient.
 
     prompts: list of token lists (chat-templated questions x); answers: the answer-template texts
     ("The answer is 18."). seeds: one per question (sampling then depends only on the question's own seed).
     sampler: the module to sample with (e.g. a bf16 copy of an FSDP policy); defaults to `policy`.
-    Returns (Rollout, metrics dict)."""
+    progress: optional callable(phase, **counts), "sample" after each decoding step (see model.generate) and
+    "score" after each micro-batch. Returns (Rollout, metrics dict)."""
     K, device = cfg.num_samples, policy_device(policy)
     eos = set(tokenizer.eos_ids)
     t0 = time.time()
     samples = generate(sampler or policy, prompts, cfg.max_rationale_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
-                       stop=sorted(eos) + list(cfg.stop_strings), num_samples=K, seed=seeds, tokenizer=tokenizer)
+                       stop=sorted(eos) + list(cfg.stop_strings), num_samples=K, seed=seeds, tokenizer=tokenizer,
+                       progress=progress and (lambda **c: progress("sample", **c)))
     # y = the answer template + end-of-turn, tokenised on its own and appended after the cut rationale
     answer_ids = [tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eot_id] for a in answers]
     rows, spans, stopped, texts = [], [], [], []
@@ -202,9 +204,13 @@ def rollout(policy, reference, tokenizer, prompts, answers, cfg, seeds=None, sam
 
     t1 = time.time()
     logp, reward, logp_ref = (torch.zeros(len(rows), device=device) for _ in range(3))
-    for toks, p, r, a, sl in micro_batches(ro, cfg.micro_batch_size):
+    batches = list(micro_batches(ro, cfg.micro_batch_size))
+    for j, (toks, p, r, a, sl) in enumerate(batches):
         logp[sl], reward[sl] = span_logprobs(policy, toks, p, r, a, cfg.temperature)    # log pi(z|x), R = log pi(y|x,z)
         logp_ref[sl] = token_logprobs(reference, toks, p, r, cfg.temperature).sum(1)    # log pi_ref(z|x)
+        if progress is not None:
+            progress("score", done=j + 1, total=len(batches), rows_finished=min(sl.stop, len(rows)), rows=len(rows),
+                     tokens=0)
     penalised = penalised_reward(reward, stopped, cfg.penalty_factor) if cfg.nonstop_penalty else reward
     r = adjusted_reward(penalised, logp, logp_ref, cfg.beta)                            # r = R - beta * KL
     ro.advantages = rloo_advantages(r, K)                                               # A_k (RLOO)
@@ -232,11 +238,12 @@ def policy_device(model):
 # --------------------------------------------------------------------------------------------------------------
 # Step 6: the loss, with gradients, micro-batch by micro-batch
 
-def backward_on_rollout(policy, ro, cfg, n_total=None, before_forward=None):
+def backward_on_rollout(policy, ro, cfg, n_total=None, before_forward=None, progress=None):
     """Recomputes log pi(z|x) and log pi(y|x,z) with gradients and backpropagates L micro-batch by micro-batch.
     n_total: the row count the loss is averaged over (default: this rollout's rows). before_forward(is_last) lets
     the trainer skip DDP's gradient all-reduce until the last micro-batch (DDP reads its flag in forward, so
-    it must be set before the forward, not before the backward). Returns metrics."""
+    it must be set before the forward, not before the backward). progress: optional callable("train", **counts)
+    after each micro-batch. Returns metrics."""
     n = n_total or ro.tokens.shape[0]
     pg_sum, answer_sum, loss_sum = 0.0, 0.0, 0.0
     batches = list(micro_batches(ro, cfg.micro_batch_size))
@@ -247,4 +254,7 @@ def backward_on_rollout(policy, ro, cfg, n_total=None, before_forward=None):
         loss, pg, answer = latro_loss(logp, logp_answer, ro.advantages[sl], cfg.answer_weight, n)
         loss.backward()
         loss_sum, pg_sum, answer_sum = loss_sum + loss.item(), pg_sum + pg.item(), answer_sum + answer.item()
+        if progress is not None:
+            progress("train", done=j + 1, total=len(batches), rows_finished=min(sl.stop, len(ro.tokens)),
+                     rows=len(ro.tokens), tokens=0)
     return {"loss": loss_sum, "loss_pg": pg_sum, "loss_answer": answer_sum}

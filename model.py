@@ -447,14 +447,15 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, uniforms=None):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop=None, num_samples=1,
-             seed=None, tokenizer=None):
+             seed=None, tokenizer=None, progress=None):
     """Samples continuations for a batch of prompts of different lengths.
 
     prompts: list[list[int]]. Returns list[list[int]] of new tokens, len(prompts) * num_samples rows, the samples
     of one prompt adjacent. stop: None = the model's end-of-turn ids; else a list of token ids and/or strings
     (strings need `tokenizer`; they may span token boundaries). A row ends with the token that completes its stop,
     or after max_new_tokens. Temperature 0 is greedy. seed: an int, or one int per prompt; a prompt's samples depend
-    only on its seed, not on the rest of the batch.
+    only on its seed, not on the rest of the batch. progress: called after every decoding step with keywords done,
+    total (decoding steps), rows_finished, rows and tokens (generated so far).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -496,6 +497,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     out = [[] for _ in range(B)]
     rows = list(range(B))                     # the output row of each batch row; finished rows leave the batch
     done = [False] * B
+    n_tokens = 0
     for step in range(max_new_tokens):
         uniforms = None
         if generators is not None and temperature > 0:
@@ -507,9 +509,13 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
             if done[b]:
                 continue
             out[b].append(t)
+            n_tokens += 1
             if t in stop_ids or (stop_strs and any(s in tokenizer.decode(out[b][-window:]) for s in stop_strs)):
                 done[b] = True
         keep = [j for j, b in enumerate(rows) if not done[b]]
+        if progress is not None:
+            finished = B if step == max_new_tokens - 1 else B - len(keep)  # the last step ends every row
+            progress(done=step + 1, total=max_new_tokens, rows_finished=finished, rows=B, tokens=n_tokens)
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) <= 3 * len(rows) // 4:
@@ -669,9 +675,17 @@ def resolve(name_or_path):
         try:  # no network: the local cache may still have it
             return snapshot_download(repo, allow_patterns=HUB_FILES, token=token, local_files_only=True)
         except Exception:
-            reason = (str(online_error).splitlines() or [type(online_error).__name__])[0]
-            raise ValueError(f"model {name_or_path!r}: could not fetch {repo} from the Hugging Face hub and it is "
-                             f"not in the local cache ({type(online_error).__name__}: {reason})") from None
+            pass
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+        if isinstance(online_error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            # The hub was not reached (HF_HUB_OFFLINE=1 or no network); its own advice ("set HF_HUB_OFFLINE=0")
+            # does not help someone who is offline.
+            raise ValueError(f"model {name_or_path!r}: {repo} is not in the local Hugging Face cache and the hub "
+                             "cannot be reached (offline); pass --model /path/to/a/local/HF/directory, or run once "
+                             "with network to fill the cache") from None
+        reason = (str(online_error).splitlines() or [type(online_error).__name__])[0]
+        raise ValueError(f"model {name_or_path!r}: could not fetch {repo} from the Hugging Face hub and it is "
+                         f"not in the local cache ({type(online_error).__name__}: {reason})") from None
 
 
 def _checkpoint_files(directory):
@@ -775,6 +789,12 @@ def load(name_or_path, device=None, dtype=None):
     for i in tokenizer.eos_ids:  # end-of-turn ids from every file that lists them
         if i not in args.eos_token_ids:
             args.eos_token_ids.append(i)
+    for i in args.eos_token_ids:  # config.json's ids count for the tokenizer too (it appends y's end-of-turn)
+        if i not in tokenizer.eos_ids:
+            tokenizer.eos_ids.append(i)
+    if not args.eos_token_ids:  # sampling would never stop and y would have no end-of-turn token: fail now
+        raise ValueError(f"{directory}: no end-of-sequence token (expected eos_token_id in config.json or "
+                         "generation_config.json, or eos_token in tokenizer_config.json)")
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned: never two copies
         model = Transformer(args, config)
     load_state(directory, model, device, dtype)

@@ -13,11 +13,14 @@ autocast (DDP) or FSDP2's MixedPrecisionPolicy, and sampling uses a bf16 copy of
 step, so a sharded policy is gathered once per step rather than at every decoding step.
 """
 import argparse
+import gc
 import json
 import math
 import os
+import re
 import resource
 import shutil
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -41,6 +44,20 @@ LAPTOP = dict(lr=5e-6, num_samples=4, questions_per_step=2, max_rationale_tokens
 PAPER_MODELS = ("llama-3.1-8b", "mistral-7b", "phi-3.5-mini")
 BETA = {"gsm8k": 0.05, "arc_challenge": 0.25}  # the paper's KL coefficients
 MAX_BAD_STEPS = 3  # abort after this many non-finite losses in a row
+# Flags that decide which questions a step sees and what it optimises (--steps sets the learning-rate decay): a
+# resumed run keeps the recorded values, and changing one is an error unless --allow-recipe-change (the change is
+# then recorded in trainer_state.json).
+RECIPE = ("dataset", "split", "limit", "method", "steps", "questions_per_step", "num_samples", "lr", "warmup_steps",
+          "weight_decay", "grad_clip", "beta", "answer_weight", "max_rationale_tokens", "temperature", "top_p",
+          "top_k", "no_nonstop_penalty", "penalty_factor", "seed")
+# Flags that belong to one invocation, never restored from the checkpoint.
+PER_INVOCATION = ("resume", "out", "overwrite", "device", "explicit", "allow_recipe_change", "model")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped for a reason that is not a bad flag (non-finite losses, a failed save, Ctrl-C); main prints
+    the message as one line."""
+    exit_code = 1
 
 
 def parse_args(argv=None):
@@ -77,7 +94,12 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="allow writing into a run directory that has results")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end); 0 = end only")
     p.add_argument("--no-save", action="store_true", help="write no checkpoint at all")
-    p.add_argument("--resume", default=None, help="a checkpoint directory written by this script")
+    p.add_argument("--resume", default=None, help="a checkpoint directory written by this script; every flag not "
+                   "given again is restored from it")
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="on --resume, allow flags that change the data order or the objective (recorded)")
+    p.add_argument("--keep-last", type=int, default=0,
+                   help="keep only the newest N checkpoints (the newest complete one is never deleted); 0 = all")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps with eval.py; 0 = off")
     p.add_argument("--eval-split", default="test")
     p.add_argument("--eval-limit", type=int, default=50)
@@ -85,14 +107,20 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", default=None, help="wandb project name (only if wandb is installed)")
     p.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for action in p._actions:  # parse again with no defaults: what is left is what the user typed
+        action.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(p.parse_args(argv)))
+    args.recipe_changes = []  # filled on --resume with --allow-recipe-change
+    return args
 
 
 def fill_defaults(args):
     """Unset flags come from the paper's recipe for the paper's models and from the laptop recipe otherwise."""
     args.model = args.model or "smollm2-135m"
+    args.dataset = dataset_id(args.dataset)
     preset = PAPER if args.model in PAPER_MODELS else LAPTOP
-    name = args.dataset if args.dataset in BETA else "gsm8k"
+    name = data.detect_task(args.dataset, args.split)  # from the data's layout, not from the file's name
     for key in ("lr", "num_samples", "questions_per_step", "max_rationale_tokens", "micro_batch_size"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
@@ -119,12 +147,201 @@ def check_args(args, world):
         raise ValueError(f"--temperature {args.temperature}: LaTRO samples rationales, expected > 0")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: expected a positive integer")
-    if args.resume and not os.path.isfile(os.path.join(args.resume, "trainer_state.json")):
-        raise FileNotFoundError(f"{os.path.join(args.resume, 'trainer_state.json')}: missing (expected a checkpoint "
-                                "directory written by train.py)")
-    if not args.resume and not args.overwrite and os.path.isfile(os.path.join(args.out, "metrics.jsonl")):
-        raise ValueError(f"{args.out}: already holds a run (metrics.jsonl); pass --resume CHECKPOINT, --overwrite, "
-                         "or another --out")
+    if args.fsdp == "on" and world == 1:
+        raise ValueError("--fsdp on: sharding needs several ranks (torchrun --nproc_per_node N train.py ...); "
+                         "in one process use --fsdp off")
+    if args.keep_last < 0:
+        raise ValueError(f"--keep-last {args.keep_last}: expected 0 (keep all) or a positive number of checkpoints")
+
+
+def dataset_id(name):
+    """A named dataset as is; a local path made absolute, so a resumed run finds the same file from anywhere."""
+    return name if name in data.SPLITS or not os.path.exists(name) else os.path.abspath(name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run directory: one run at a time (a lock), nothing deleted (an --overwrite moves the old run aside), no
+# partial checkpoint left from an interrupted save
+
+LOCK = ".lock"
+CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+
+
+def checkpoints(run_dir):
+    """Complete checkpoints of a run directory (those with trainer_state.json, written last), oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
+             if (m := CHECKPOINT.match(name)) and os.path.isfile(os.path.join(run_dir, name, "trainer_state.json"))]
+    return [path for _, path in sorted(found)]
+
+
+def checkpoint_list(run_dir):
+    found = checkpoints(run_dir)
+    return ", ".join(found) if found else f"none in {run_dir}"
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def take_lock(out):
+    """An exclusive-create lock file holding host and pid. A lock left by a dead process of this host (kill -9) is
+    taken over with a note; a live one, or one from another host, is an error."""
+    path = os.path.join(out, LOCK)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = open(path).read()
+                host, pid = text.split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                text, host, pid = None, "?", 0
+            if host == socket.gethostname() and pid and not pid_alive(pid):
+                # Move the stale lock aside (only one process can move a given file), then check that what moved is
+                # the stale lock and not the fresh one of a process that took it over a moment ago.
+                aside = f"{path}.stale-{os.getpid()}"
+                try:
+                    os.rename(path, aside)
+                except FileNotFoundError:
+                    continue
+                if open(aside).read() != text:
+                    try:
+                        os.link(aside, path)  # put the fresh lock back
+                    except FileExistsError:
+                        pass
+                else:
+                    print(f"note: {out}: taking over the lock of pid {pid}, which is no longer running", flush=True)
+                os.remove(aside)
+                continue
+            advice = "wait for it to finish or choose another --out" + (
+                "" if host == socket.gethostname() else f"; if no run uses it, delete {path}")
+            raise ValueError(f"--out {out}: in use by another run (pid {pid} on {host}, lock {path}); {advice}")
+        os.write(fd, me.encode())
+        os.close(fd)
+        return path
+    raise ValueError(f"--out {out}: could not take the lock {path}; another run may be starting there")
+
+
+def release_lock(path):
+    try:
+        if open(path).read().split()[-1] == str(os.getpid()):
+            os.remove(path)
+    except (OSError, IndexError):
+        pass
+
+
+def remove_partials(out):
+    """Leftovers of a save that was killed or ran out of disk: checkpoint-*.partial* directories are removed; a
+    checkpoint-*.old (the previous copy, moved aside just before the rename) is put back if the rename never came."""
+    removed = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if name.startswith("checkpoint-") and ".partial" in name:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(name)
+        elif name.startswith("checkpoint-") and name.endswith(".old"):
+            final = path[:-len(".old")]
+            if os.path.isdir(final):
+                shutil.rmtree(path)
+            else:
+                os.replace(path, final)
+    if removed:
+        print(f"note: {out}: removed {len(removed)} partial checkpoint(s) of an interrupted save: "
+              f"{', '.join(removed)}", flush=True)
+
+
+def holds_run(out):
+    return os.path.isfile(os.path.join(out, "metrics.jsonl")) or any(
+        CHECKPOINT.match(n.split(".")[0]) for n in os.listdir(out))
+
+
+def move_run_aside(out):
+    """--overwrite: the whole old run (metrics, config, every checkpoint) moves to the first free {out}.bak[N]."""
+    backup, n = out.rstrip("/") + ".bak", 1
+    while os.path.exists(backup):
+        backup, n = f"{out.rstrip('/')}.bak{n}", n + 1
+    os.makedirs(backup)
+    for name in os.listdir(out):
+        if name != LOCK:
+            os.replace(os.path.join(out, name), os.path.join(backup, name))
+    print(f"--overwrite: moved the previous run in {out} to {backup}", flush=True)
+
+
+def prepare_run_dir(args, start):
+    """Before any model is loaded: --out must be a directory we can create and write; take its lock; then decide
+    what may happen to what it holds. Returns the lock path."""
+    out = args.out
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the run directory ({e.strerror}: {e.filename}); "
+                         "expected a directory path") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: not writable")
+    lock = take_lock(out)
+    try:
+        remove_partials(out)
+        own = args.resume and os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(out)
+        if not own and holds_run(out):
+            what = "another run" if args.resume else "a run"
+            if not args.overwrite:
+                hint = (f"resume writes into the checkpoint's own run {os.path.dirname(os.path.abspath(args.resume))}"
+                        "; drop --out, choose an empty one, or " if args.resume else
+                        "pass --resume CHECKPOINT (checkpoints: " + checkpoint_list(out) + "), another --out, or ")
+                raise ValueError(f"--out {out}: already holds {what} (metrics.jsonl / checkpoints); {hint}"
+                                 "--overwrite to move it aside to a .bak directory")
+            move_run_aside(out)
+        if args.resume and not own:  # a branch of the checkpoint's run: its metrics up to the checkpoint come along
+            src = os.path.join(os.path.dirname(os.path.abspath(args.resume)), "metrics.jsonl")
+            if os.path.isfile(src):
+                write_metrics(os.path.join(out, "metrics.jsonl"), read_metrics(src, start))
+    except BaseException:
+        release_lock(lock)
+        raise
+    return lock
+
+
+def prune_checkpoints(out, keep, newest):
+    """--keep-last: delete the oldest complete checkpoints up to `newest` (the one just written, never deleted)
+    until `keep` remain; checkpoints of later steps (left by a run this one resumed from an earlier step) stay."""
+    step = int(CHECKPOINT.search(newest).group(1))
+    older = [c for c in checkpoints(out) if int(CHECKPOINT.search(c).group(1)) < step]
+    for path in older[:max(0, len(older) - (keep - 1))]:
+        os.replace(path, path + ".partial")  # a kill mid-delete leaves a .partial, removed at the next start
+        shutil.rmtree(path + ".partial")
+
+
+def first_error(message, world):
+    """Every rank learns whether any rank failed (so none waits forever in a collective); the first message wins."""
+    if world == 1:
+        return message
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), None)
+
+
+def on_rank0(fn, rank, world):
+    """fn() on rank 0; a bad-input or file-system error there is raised on every rank."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except (ValueError, OSError) as e:
+            error = str(e)
+    error = first_error(error, world)
+    if error:
+        raise ValueError(error)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -253,27 +470,63 @@ def sft_backward(policy, tokenizer, examples, prompts, micro_batch, n_tokens_tot
 # Checkpoints: HF layout (loads in transformers/vLLM) + optimizer moments, step and RNG; written atomically
 
 def optimizer_tensors(optimizer, policy):
-    names = {id(p): n for n, p in unwrap(policy).named_parameters()}
+    """This rank's AdamW state as {"<param name>.<exp_avg|exp_avg_sq|step>": tensor}, named as the model's
+    parameters (torch.distributed.checkpoint's names: the same under DDP and FSDP2). Under FSDP2 the tensors are this
+    rank's dim-0 shards; concatenated in rank order they give the full tensors (read_optimizer_tensors)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     out = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, t in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(t):
-                    t = t.to_local() if hasattr(t, "to_local") else t
-                    out[f"{names[id(p)]}.{key}"] = t.detach().cpu().contiguous()
+    for name, state in get_optimizer_state_dict(policy, optimizer)["state"].items():
+        for key, t in state.items():
+            if torch.is_tensor(t):
+                t = t.to_local() if hasattr(t, "to_local") else t
+                out[f"{name}.{key}"] = t.detach().cpu().contiguous()
     return out
 
 
-def load_optimizer_tensors(optimizer, policy, tensors):
-    for name, p in unwrap(policy).named_parameters():
-        state = {}
+def read_safetensors(path, what):
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing ({what}); the checkpoint is incomplete")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a readable safetensors file ({msg}); the {what} is damaged, resume from "
+                         f"another checkpoint ({checkpoint_list(os.path.dirname(os.path.dirname(path)))})") from None
+
+
+def read_optimizer_tensors(checkpoint, state, names_shapes):
+    """The full (unsharded) AdamW state of a checkpoint, whatever sharding and world size wrote it: a single
+    optimizer.safetensors, or per-rank FSDP2 shards concatenated along dim 0. Checked against the model's shapes."""
+    single = os.path.join(checkpoint, "optimizer.safetensors")
+    paths = [single] if os.path.isfile(single) or not state.get("sharded") else \
+        [os.path.join(checkpoint, f"optimizer-rank{r}.safetensors") for r in range(state["world_size"])]
+    parts = [read_safetensors(p, "optimizer state") for p in paths]
+    full = {}
+    for name, shape in names_shapes:
         for key in ("exp_avg", "exp_avg_sq", "step"):
-            t = tensors[f"{name}.{key}"].to(p.device if key != "step" else "cpu")
-            if key != "step" and hasattr(p, "device_mesh"):
-                from torch.distributed.tensor import DTensor
-                t = DTensor.from_local(t, p.device_mesh, p.placements)
-            state[key] = t
-        optimizer.state[p] = state
+            k = f"{name}.{key}"
+            missing = [p for p, part in zip(paths, parts) if k not in part]
+            if missing:
+                raise ValueError(f"{missing[0]}: no tensor {k!r}; expected AdamW state for every parameter")
+            t = parts[0][k] if key == "step" else torch.cat([part[k] for part in parts])
+            if key != "step" and tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{paths[0]}: {k} has shape {tuple(t.shape)}, the model's parameter {tuple(shape)}")
+            full[k] = t
+    return full
+
+
+def load_optimizer_tensors(optimizer, policy, tensors, sharded):
+    """Puts full AdamW state into the optimizer through torch.distributed.checkpoint, which shards it for FSDP2
+    (uneven dimensions included) from rank 0's copy; `tensors` may be empty on other ranks. optimizer.load_state_dict
+    then puts `step` where this optimizer keeps it (on the device for fused AdamW, on the CPU otherwise)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = [n for n, _ in unwrap(policy).named_parameters()]
+    state = {n: {k: tensors[f"{n}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")} for n in names} if tensors else {}
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    osd = {"state": state, "param_groups": [{**group, "params": names}]}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if sharded else None
+    set_optimizer_state_dict(policy, optimizer, optim_state_dict=osd, options=options)
 
 
 def full_state_dict(policy, sharded):
@@ -285,47 +538,110 @@ def full_state_dict(policy, sharded):
 
 def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharded, rank, world, args):
     """checkpoint-{step}/: the model in HF layout, optimizer.safetensors (per rank when sharded), rng and
-    trainer_state.json. Built in a temporary directory and renamed into place, so a kill leaves no half
-    checkpoint and never damages an earlier one."""
+    trainer_state.json. Built in checkpoint-{step}.partial (other ranks write their files beside it, in parallel
+    with rank 0, which moves them in) and renamed into place, so a kill leaves no half checkpoint and never damages
+    an earlier one. A failed write (disk full) on any rank removes the partial files and stops the run."""
     from safetensors.torch import save_file
     final = os.path.join(out_dir, f"checkpoint-{step:06d}")
     tmp = final + ".partial"
+    mine = tmp if rank == 0 else f"{tmp}.rank{rank}"
     state = full_state_dict(policy, sharded)  # collective under FSDP: every rank calls it
-    if rank == 0:
-        # save() reads config and args off a module: under FSDP the policy is sharded, the sampler copy is whole
-        save(sampler if sharded else unwrap(policy), tokenizer, tmp, state_dict=state)
-    if world > 1:
-        dist.barrier()
+    opt = optimizer_tensors(optimizer, policy) if sharded or rank == 0 else None  # DDP replicas are identical
     opt_name = f"optimizer-rank{rank}.safetensors" if sharded else "optimizer.safetensors"
-    if sharded or rank == 0:
-        save_file(optimizer_tensors(optimizer, policy), os.path.join(tmp, opt_name))
-    save_file({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "base_model": args.model, "method": args.method, "world_size": world,
-                       "sharded": sharded, "args": vars(args)}, f, indent=2)
-        old = final + ".old"
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    if world > 1:
-        dist.barrier()
+    error = None
+    try:
+        if rank == 0:
+            # save() reads config and args off a module: under FSDP the policy is sharded, the sampler copy is whole
+            save(sampler if sharded else unwrap(policy), tokenizer, tmp, state_dict=state)
+        else:
+            os.makedirs(mine, exist_ok=True)
+        if sharded or rank == 0:
+            save_file(opt, os.path.join(mine, opt_name))
+        save_file({"cpu": torch.get_rng_state()}, os.path.join(mine, f"rng-rank{rank}.safetensors"))
+    except Exception as e:
+        error = f"rank {rank}: {(str(e).splitlines() or [type(e).__name__])[0]}"
+    del state, opt
+    error = first_error(error, world)
+    if error is None and rank == 0:
+        try:
+            for r in range(1, world):
+                for name in os.listdir(f"{tmp}.rank{r}"):
+                    os.replace(os.path.join(f"{tmp}.rank{r}", name), os.path.join(tmp, name))
+                os.rmdir(f"{tmp}.rank{r}")
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": step, "base_model": args.model, "method": args.method, "world_size": world,
+                           "sharded": sharded, "args": vars(args)}, f, indent=2)
+            old = final + ".old"
+            if os.path.exists(final):
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            error = f"rank 0: {e.strerror or e} ({e.filename})"
+    error = first_error(error, world)
+    if error:
+        for path in [mine] + ([p for p in os.listdir(out_dir) if p.startswith(os.path.basename(tmp))] if rank == 0
+                              else []):
+            path = os.path.join(out_dir, path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+        raise TrainingStopped(f"{final}: could not be written ({error}); its partial files were removed; last "
+                              f"complete checkpoint: {(checkpoints(out_dir) or ['none'])[-1]}")
+    if rank == 0 and args.keep_last:
+        prune_checkpoints(out_dir, args.keep_last, final)
     return final
 
 
-def read_resume_state(args, world):
-    with open(os.path.join(args.resume, "trainer_state.json")) as f:
-        state = json.load(f)
+def read_resume_state(args):
+    """trainer_state.json of --resume, or an error that says what was expected and lists the checkpoints there."""
+    path = os.path.join(args.resume, "trainer_state.json")
+    if not os.path.isfile(path):
+        run_dir = args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
+        if os.path.isdir(args.resume) and checkpoints(args.resume):
+            raise ValueError(f"--resume {args.resume}: this is a run directory; expected one of its checkpoints: "
+                             f"{checkpoint_list(args.resume)}")
+        raise FileNotFoundError(f"--resume {args.resume}: no trainer_state.json (expected a checkpoint directory "
+                                f"written by train.py); checkpoints: {checkpoint_list(run_dir)}")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        state["step"], state["base_model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a trainer state written by train.py ({e})") from None
     if args.model is not None and args.model != state["base_model"]:
         raise ValueError(f"{args.resume}: checkpoint was trained from --model {state['base_model']!r}, "
                          f"not {args.model!r}")
-    if state["sharded"] and state["world_size"] != world:
-        raise ValueError(f"{args.resume}: sharded optimizer state was saved by {state['world_size']} ranks, "
-                         f"this run has {world}")
     return state
+
+
+def restore_run_args(args, state, world):
+    """--resume continues the same run: every flag not given now takes the value recorded in the checkpoint. A
+    given flag that changes the data order or the objective (RECIPE) is an error unless --allow-recipe-change;
+    allowed changes are recorded, with the step they started at, in args.recipe_changes."""
+    saved = state.get("args") or {}
+    steps = args.steps if "steps" in args.explicit else saved.get("steps")
+    if steps is not None and steps <= state["step"]:
+        raise ValueError(f"--steps {steps}: {args.resume} is already at step {state['step']}; to train further, "
+                         f"pass --steps N > {state['step']} with --allow-recipe-change (a longer run has another "
+                         "learning-rate decay)")
+    changes = []
+    for key, value in saved.items():
+        if key in PER_INVOCATION or key == "recipe_changes" or not hasattr(args, key):
+            continue
+        if key not in args.explicit:
+            setattr(args, key, value)
+        elif key in RECIPE and (dataset_id(getattr(args, key)) if key == "dataset" else getattr(args, key)) != value:
+            changes.append((key, value, getattr(args, key)))
+    if changes and not args.allow_recipe_change:
+        differ = ", ".join(f"--{k.replace('_', '-')} {new} (the run has {old})" for k, old, new in changes)
+        raise ValueError(f"--resume {args.resume}: {differ} would change the data order or the objective of the "
+                         "run; drop the flag to continue it as it was, or pass --allow-recipe-change")
+    args.recipe_changes = saved.get("recipe_changes", []) + [
+        {"step": state["step"], "flag": k, "from": old, "to": new} for k, old, new in changes]
+    if world == 1 and args.fsdp == "on" and "fsdp" not in args.explicit:
+        args.fsdp = "off"  # a sharded run resumed in one process: its optimizer state is gathered (a mode change)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -350,7 +666,7 @@ def progress_line(m):
     if "reward" in m:
         return (f"step {m['step']:>4} | loss {m['loss']:+.4f} | reward {m['reward']:8.3f} | kl {m['kl']:+.4f} | "
                 f"len {m['rationale_len']:5.1f} | stop {m['stop_rate']:.2f} | acc {m.get('accuracy', float('nan')):.2f} "
-                f"| {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e}")
+                f"| sample {m['sample_tokens_per_s']:.0f} tok/s | step {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e}")
     return f"step {m['step']:>4} | sft loss {m['loss']:.4f} | {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e}"
 
 
@@ -359,15 +675,77 @@ def append_metrics(path, m):
         f.write(json.dumps(m) + "\n")
 
 
+def read_metrics(path, last_step=None):
+    """The lines of metrics.jsonl (up to last_step). A torn last line (the run was killed mid-write) is dropped, as
+    eval.py does; a bad line elsewhere is an error naming it."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    keep = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON; expected one metrics record per line") from None
+        if last_step is None or row.get("step", 0) <= last_step:
+            keep.append(line + "\n")
+    return keep
+
+
+def write_metrics(path, lines):
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
 def truncate_metrics(path, last_step):
     """On resume, drop lines of steps after the checkpoint (written before the run stopped), atomically."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    if os.path.isfile(path):
+        write_metrics(path, read_metrics(path, last_step))
+
+
+class StepProgress:
+    """Progress inside a step, fed by latro.rollout / backward_on_rollout: on a terminal one tqdm-style line
+    rewritten in place; into a file a plain line at most every `every` seconds (the first after `every` seconds, so
+    short steps add nothing to a log)."""
+
+    UNITS = {"sample": "decoding steps", "score": "micro-batches", "train": "micro-batches"}
+
+    def __init__(self, step, stream=None, every=30.0):
+        self.step, self.stream = step, stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.every = 0.5 if self.tty else every
+        self.phase, self.width = None, 0
+        self.phase_start = self.last = time.time()
+
+    def __call__(self, phase, done, total, rows_finished, rows, tokens):
+        now = time.time()
+        if phase != self.phase:
+            self.phase, self.phase_start = phase, now
+        if now - self.last < self.every and not (self.tty and done == total):
+            return
+        self.last = now
+        elapsed = now - self.phase_start
+        eta = elapsed / done * (total - done)
+        text = f"step {self.step} | {phase} {done}/{total} {self.UNITS[phase]} | {rows_finished}/{rows} rows done"
+        if phase == "sample":  # rows may stop early, so the decoding-step ETA is an upper bound
+            text += f" | {tokens} tokens, {tokens / max(elapsed, 1e-9):.0f} tok/s | ETA <= {eta:.0f}s"
+        else:
+            text += f" | ETA {eta:.0f}s"
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.tty and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
 
 
 def plot_curves(path_jsonl, path_png):
@@ -393,12 +771,42 @@ def plot_curves(path_jsonl, path_png):
 # The loop
 
 def train(args):
+    """Resolves the flags (restoring a resumed run's), takes the run directory, then trains (run). Ctrl-C becomes
+    one line saying where the run stopped and how to continue it."""
     device, rank, world = setup_distributed(args.device)
-    resume_state = read_resume_state(args, world) if args.resume else None
+    resume_state = read_resume_state(args) if args.resume else None
     if resume_state:
         args.model = resume_state["base_model"]
+        restore_run_args(args, resume_state, world)
     fill_defaults(args)
     check_args(args, world)
+    lock, status = None, {"step": resume_state["step"] if resume_state else 0}
+    try:
+        lock = on_rank0(lambda: prepare_run_dir(args, status["step"]), rank, world)
+        run(args, device, rank, world, resume_state, status)
+        if world > 1:
+            # after run() has returned: gloo aborts at exit now and then (1 in ~10 on 2 CPU ranks) when FSDP
+            # modules holding communication buffers outlive the process group
+            gc.collect()
+            dist.destroy_process_group()
+    except KeyboardInterrupt:
+        if lock:
+            remove_partials(args.out)
+        last = (checkpoints(args.out) or [None])[-1]
+        launcher = f"torchrun --nproc_per_node {world} train.py" if world > 1 else "python train.py"
+        stopped = TrainingStopped(
+            f"interrupted during step {status['step'] + 1} ({status['step']} of {args.steps} done); " +
+            (f"last checkpoint: {last}; continue with: {launcher} --resume {last}" if last else
+             "no checkpoint written yet (--save-every N writes some); start again" +
+             (" with --overwrite" if os.path.isdir(args.out) and holds_run(args.out) else "")))
+        stopped.exit_code = 130
+        raise stopped from None
+    finally:
+        if lock:
+            release_lock(lock)
+
+
+def run(args, device, rank, world, resume_state, status):
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed + rank)
@@ -415,14 +823,22 @@ def train(args):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=args.weight_decay, fused=device.type == "cuda" and not sharded)
     start = 0
-    if resume_state:
-        from safetensors.torch import load_file
+    if resume_state:  # any sharding mode and world size: the full state is assembled, then sharded as this run is
         start = resume_state["step"]
-        opt_name = f"optimizer-rank{rank}.safetensors" if resume_state["sharded"] else "optimizer.safetensors"
-        load_optimizer_tensors(optimizer, policy, load_file(os.path.join(args.resume, opt_name)))
+        tensors, error = {}, None
+        if rank == 0 or not sharded:
+            try:
+                shapes = [(n, p.shape) for n, p in unwrap(policy).named_parameters()]
+                tensors = read_optimizer_tensors(args.resume, resume_state, shapes)
+            except (ValueError, FileNotFoundError) as e:
+                error = str(e)
+        error = first_error(error, world)
+        if error:
+            raise ValueError(error)
+        load_optimizer_tensors(optimizer, policy, tensors, sharded)
         rng_path = os.path.join(args.resume, f"rng-rank{rank}.safetensors")
         if os.path.isfile(rng_path):
-            torch.set_rng_state(load_file(rng_path)["cpu"])
+            torch.set_rng_state(read_safetensors(rng_path, "random-number state")["cpu"])
     cfg = latro.LatroConfig(
         num_samples=args.num_samples, beta=args.beta, answer_weight=args.answer_weight,
         max_rationale_tokens=args.max_rationale_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -431,19 +847,19 @@ def train(args):
 
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
         if resume_state:
             truncate_metrics(metrics_path, start)
-        elif os.path.exists(metrics_path):
-            os.remove(metrics_path)  # --overwrite was given (check_args)
-        with open(os.path.join(args.out, "config.json"), "w") as f:
+        config_path = os.path.join(args.out, "config.json")
+        with open(config_path + ".tmp", "w") as f:
             json.dump({"args": vars(args), "latro": asdict(cfg)}, f, indent=2)
+        os.replace(config_path + ".tmp", config_path)
         total = device_memory(device)
         print(f"preflight | model {args.model} | {n_params / 1e6:.1f}M params | world {world} | "
               f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | compute {str(compute_dtype)[6:]} | "
               f"est. {estimate / 2**30:.1f} GiB/device before activations"
               + (f" of {total / 2**30:.0f} GiB" if total else "") + f" | {len(examples)} questions | "
-              f"{args.questions_per_step} questions x K={args.num_samples} per step | steps {start}->{args.steps}",
+              f"{args.questions_per_step} questions x K={args.num_samples} per step | task "
+              f"{data.task_name(examples[0].task)}, beta {args.beta} | steps {start}->{args.steps}",
               flush=True)
     wandb_run = None
     if args.wandb and rank == 0:
@@ -462,7 +878,9 @@ def train(args):
     bad_steps, last_saved, t_run = 0, None, time.time()
     policy.train()
     for step in range(start, args.steps):
+        status["step"] = step
         t0 = time.time()
+        progress = StepProgress(step + 1) if rank == 0 else None
         for g in optimizer.param_groups:
             g["lr"] = args.lr * lr_factor(step, args.steps, args.warmup_steps)
         ids = step_questions(len(examples), step, args.questions_per_step, args.seed)[rank * per_rank:(rank + 1) * per_rank]
@@ -473,15 +891,16 @@ def train(args):
         sync = lambda last: set_grad_sync(policy, last)
         if args.method == "latro":
             ro, m = latro.rollout(sampler, reference, tokenizer, x, [e.answer_text for e in batch], cfg,
-                                  seeds=[question_seed(args.seed, step, i) for i in ids])
+                                  seeds=[question_seed(args.seed, step, i) for i in ids], progress=progress)
             K = args.num_samples
             # accuracy of the answer each rationale itself states, extracted as eval.py does
             m["accuracy"] = sum(evaluation.is_correct(batch[i // K], evaluation.extract_answer(batch[i // K], text))
                                 for i, text in enumerate(ro.rationales)) / len(ro.rationales)
             t1 = time.time()
             with autocast:
-                m.update(latro.backward_on_rollout(policy, ro, cfg, before_forward=sync))
+                m.update(latro.backward_on_rollout(policy, ro, cfg, before_forward=sync, progress=progress))
             sampled = m.pop("sampled_tokens")
+            m["sample_tokens_per_s"] = sampled / max(m["time_sample"], 1e-9)
         else:
             n_tok = torch.tensor(float(sum(len(tokenizer.encode((e.rationale.strip() + "\n" if e.rationale.strip()
                                  else "") + e.answer_text, add_special_tokens=False)) + 1 for e in batch)), device=device)
@@ -492,6 +911,8 @@ def train(args):
                 m = sft_backward(policy, tokenizer, batch, x, args.micro_batch_size, n_tok.item() / world, device, sync)
             sampled = m["target_tokens"] / world
         t2 = time.time()
+        if progress:
+            progress.close()
         loss_ok = torch.tensor(float(math.isfinite(m["loss"])), device=device)
         if world > 1:
             dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
@@ -502,8 +923,10 @@ def train(args):
                 print(f"warning: step {step + 1}: non-finite loss ({m['loss']}); step skipped "
                       f"({bad_steps}/{MAX_BAD_STEPS} in a row)", flush=True)
             if bad_steps >= MAX_BAD_STEPS:
-                raise RuntimeError(f"{MAX_BAD_STEPS} non-finite losses in a row; stopping (last good checkpoint: "
-                                   f"{last_saved or 'none'})")
+                bad = ", ".join(f"{k} {v}" for k, v in m.items() if isinstance(v, float) and not math.isfinite(v))
+                raise TrainingStopped(f"steps {step + 2 - MAX_BAD_STEPS}-{step + 1}: {MAX_BAD_STEPS} non-finite "
+                                      f"losses in a row ({bad}); stopped, nothing saved for them; last good "
+                                      f"checkpoint: {(checkpoints(args.out) or ['none'])[-1]}")
             continue
         bad_steps = 0
         if args.grad_clip > 0:
@@ -513,6 +936,8 @@ def train(args):
         if sampler is not policy:
             refresh_sampler(sampler, policy)
         m = mean_across_ranks(m, world, device)
+        if "sample_tokens_per_s" in m:
+            m["sample_tokens_per_s"] *= world  # the mean rank's rate -> the whole job's
         elapsed = time.time() - t0
         m.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], seconds=elapsed,
                  time_rollout=t1 - t0, time_backward=t2 - t1, tokens_per_s=sampled * world / elapsed,
@@ -537,8 +962,6 @@ def train(args):
               f"{time.time() - t_run:.0f}s | final reward {last.get('reward', float('nan')):.3f} kl "
               f"{last.get('kl', float('nan')):.4f} loss {last.get('loss', float('nan')):.4f} | "
               f"checkpoint {last_saved or 'none'} | metrics {metrics_path}", flush=True)
-    if world > 1:
-        dist.destroy_process_group()
     return policy
 
 
@@ -549,6 +972,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
