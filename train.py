@@ -72,7 +72,14 @@ def parse_args(argv=None):
                    help="compute dtype (master weights are always fp32); auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--fsdp", choices=("auto", "on", "off"), default="auto",
                    help="shard params, grads and optimizer state with FSDP2; auto = when a replica would not fit")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", nargs="?", const="on", choices=("auto", "on", "off"), default="auto",
+                   help="recompute each block's activations in backward; auto = on when sharded")
+    p.add_argument("--plan", action="store_true", help="print the memory plan of this configuration (simulated on "
+                   "the CPU: no GPU, weights or data needed) and exit")
+    p.add_argument("--nproc", type=int, default=None, help="with --plan: the number of GPUs (default: WORLD_SIZE or 1)")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="GiB per GPU to plan against (default: the GPU's own; 80 with --plan)")
+    p.add_argument("--no-plan", action="store_true", help="skip the memory plan in the preflight of a GPU run")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a run directory that has results")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end); 0 = end only")
@@ -88,10 +95,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def paper_model(name):
+    """Which of the paper's models `name` is: an alias, its hub id, or a local copy whose config.json has the same
+    shape. None for anything else."""
+    import plan
+    if name in PAPER_MODELS:
+        return name
+    by_repo = {ALIASES[a]: a for a in PAPER_MODELS}
+    if name in by_repo:
+        return by_repo[name]
+    path = os.path.join(name, "config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None  # load() reports a broken config.json with its own message
+        return next((a for a in PAPER_MODELS if plan.same_architecture(cfg, plan.CONFIGS[a])), None)
+    return None
+
+
 def fill_defaults(args):
     """Unset flags come from the paper's recipe for the paper's models and from the laptop recipe otherwise."""
     args.model = args.model or "smollm2-135m"
-    preset = PAPER if args.model in PAPER_MODELS else LAPTOP
+    args.recipe = "paper" if paper_model(args.model) else "laptop"
+    preset = PAPER if args.recipe == "paper" else LAPTOP
     name = args.dataset if args.dataset in BETA else "gsm8k"
     for key in ("lr", "num_samples", "questions_per_step", "max_rationale_tokens", "micro_batch_size"):
         if getattr(args, key) is None:
@@ -131,56 +159,120 @@ def check_args(args, world):
 # Distributed setup and models
 
 def setup_distributed(device_flag):
+    """-> (device, rank, world). Under torchrun every rank drives the GPU of its LOCAL_RANK; a single process honours
+    --device cuda:N. NCCL gets the device up front and a long timeout: ranks wait in barriers while rank 0 writes
+    a checkpoint, which for an 8B model takes longer than the default 10 minutes."""
+    from datetime import timedelta
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device_flag is None else device_flag.startswith("cuda")
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, local = (dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))) if world > 1 else (0, 0)
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
-        torch.cuda.set_device(local)
-    return torch.device(f"cuda:{local}" if use_cuda else "cpu"), rank, world
-
-
-def memory_estimate(n_params, world, compute_dtype, sharded):
-    """Bytes per device: fp32 master weights + grads + AdamW moments (16 B/param, / world when sharded), a frozen
-    reference and (under bf16) a sampling copy, each in the compute dtype. Activations and the KV cache come on top."""
-    low = compute_dtype != torch.float32
-    state = 16 * n_params / (world if sharded else 1)
-    return state + n_params * (2 if low else 4) + (2 * n_params if low or sharded else 0)
+        flagged = torch.device(device_flag) if device_flag else torch.device("cuda")
+        if world > 1 and flagged.index is not None:
+            raise ValueError(f"--device {device_flag}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device "
+                             "cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+        device = torch.device("cuda", local if world > 1 else (flagged.index or 0))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    rank = 0
+    if world > 1:
+        timeout = timedelta(minutes=60)
+        if use_cuda:
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+        rank = dist.get_rank()
+    return device, rank, world
 
 
 def device_memory(device):
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
-def build_models(args, device, world, compute_dtype):
+def device_mesh(device_type, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (world,))
+
+
+def shard(model, mesh, mp_policy, reshard_root=None):
+    """FSDP2: each block is one all-gather / reduce-scatter unit; the root holds the embedding, norm and lm_head.
+    reshard_root: free the root's gathered parameters after forward (default: kept for the backward)."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    return fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_root)
+
+
+def wrap_policy(policy, mesh, compute_dtype, world, device, ddp=True):
+    """FSDP2 when `mesh` is given (compute in compute_dtype, gradients reduced in fp32), else DDP when world > 1.
+    cast_forward_inputs=False: the blocks take the fp32 RoPE tables as arguments, and casting them to bf16 would
+    make the trained policy differ from the bf16 sampler that drew the rationales (which keeps them fp32).
+    ddp=False leaves a replicated policy unwrapped (the memory plan: DDP cannot run on fake tensors)."""
+    if mesh is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        return shard(policy, mesh, MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                        cast_forward_inputs=False))
+    if world > 1 and ddp:
+        # gradient_as_bucket_view: gradients live in DDP's communication buckets instead of next to a copy of them
+        return torch.nn.parallel.DistributedDataParallel(
+            policy, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return policy
+
+
+def wrap_reference(reference, mesh):
+    """The frozen reference is sharded too when the policy is (it only runs forward: one block gathered at a time)."""
+    if mesh is None:
+        return reference
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    # a forward-only module has no backward to keep the root's gathered embedding and lm_head for
+    return shard(reference, mesh, MixedPrecisionPolicy(cast_forward_inputs=False), reshard_root=True)
+
+
+def checkpointing_on(args, sharded):
+    """Activation checkpointing: on when sharded unless --activation-checkpointing off (an 8B model's activations
+    are ~18 GiB per 4 x 760-token micro-batch without it)."""
+    return args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and sharded)
+
+
+def plan_run(args, world, compute_dtype, sharded):
+    """The memory plan of this run's configuration (plan.py), simulated on the CPU: fake tensors, fake process
+    group, no weights."""
+    import plan
+    cfg, _ = plan.model_config(args.model)
+    return plan.simulate(cfg, world, sharded, compute_dtype, args.num_samples, args.questions_per_step,
+                         args.max_rationale_tokens, args.micro_batch_size,
+                         checkpointing=checkpointing_on(args, sharded), temperature=args.temperature)
+
+
+def choose_sharding(args, world, gpu_memory_gib, compute_dtype):
+    """--fsdp auto: FSDP2 when a replica would not fit, by the memory plan of the replicated run (only with a memory
+    limit to plan against: a GPU, or --gpu-memory). -> (sharded, the plan of the replicated run or None)"""
+    if world == 1 or args.fsdp != "auto":
+        return world > 1 and args.fsdp == "on", None
+    if gpu_memory_gib is None or args.no_plan:
+        return False, None
+    import plan
+    replicated = plan_run(args, world, compute_dtype, sharded=False)
+    return not plan.fits(replicated, gpu_memory_gib), replicated
+
+
+def build_models(args, device, world, compute_dtype, sharded):
     """policy (fp32 master weights, maybe DDP/FSDP-wrapped), sampler (the module that generates and scores without
-    grad), reference (frozen), tokenizer, and whether the policy is sharded."""
+    grad), reference (frozen; sharded like the policy), tokenizer."""
     source = args.resume or args.model
     policy, tokenizer = load(source, device=device, dtype=torch.float32)
     reference, _ = load(args.model, device=device, dtype=compute_dtype)
     reference.requires_grad_(False)
-    n_params = sum(p.numel() for p in policy.parameters())
-    total = device_memory(device)
-    replicated = memory_estimate(n_params, world, compute_dtype, sharded=False)
-    sharded = args.fsdp == "on" or (args.fsdp == "auto" and world > 1 and total is not None and replicated > 0.8 * total)
-    policy.checkpoint_layers = args.activation_checkpointing
+    policy.checkpoint_layers = checkpointing_on(args, sharded)
     sampler = policy
     if compute_dtype != torch.float32 or sharded:
         sampler, _ = load(source, device=device, dtype=compute_dtype)
         sampler.requires_grad_(False)
-    if sharded:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (world,))
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for layer in policy.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(policy, mesh=mesh, mp_policy=mp)
-    elif world > 1:
-        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    estimate = memory_estimate(n_params, world, compute_dtype, sharded)
-    return policy, sampler, reference, tokenizer, sharded, n_params, estimate
+    mesh = device_mesh(device.type, world) if sharded else None
+    policy = wrap_policy(policy, mesh, compute_dtype, world, device)
+    reference = wrap_reference(reference, mesh)
+    return policy, sampler, reference, tokenizer
 
 
 def unwrap(model):
@@ -189,13 +281,21 @@ def unwrap(model):
 
 @torch.no_grad()
 def refresh_sampler(sampler, policy):
-    """Copies the updated fp32 policy into the bf16 sampling copy (an all-gather per tensor when sharded)."""
+    """Copies the updated fp32 policy into the sampling copy. Sharded: each shard is cast to the sampler's dtype
+    before the all-gather (half the traffic and a bf16, not fp32, gathered tensor)."""
     for s, p in zip(sampler.parameters(), unwrap(policy).parameters()):
-        s.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+        s.copy_(p.to(s.dtype).full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+def sync_this_micro_batch(policy, is_last):
+    """FSDP2 reduce-scatters every micro-batch: skipping it would keep every parameter's unsharded fp32 gradient
+    on every rank until the last one (30 GiB for 8B). DDP all-reduces on the last micro-batch only: its gradient
+    is a replica anyway, and skipping saves the traffic."""
+    return is_last or not isinstance(policy, torch.nn.parallel.DistributedDataParallel)
 
 
 def set_grad_sync(policy, enabled):
-    """Skip the gradient all-reduce on all micro-batches but the last (DDP) / the reduce-scatter (FSDP2)."""
+    """Turn the gradient all-reduce (DDP) / reduce-scatter (FSDP2) of the next backward on or off."""
     if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
         policy.require_backward_grad_sync = enabled
     elif hasattr(policy, "set_requires_gradient_sync"):
@@ -404,7 +504,13 @@ def train(args):
     torch.manual_seed(args.seed + rank)
 
     examples = data.load_dataset(args.dataset, args.split, args.limit)
-    policy, sampler, reference, tokenizer, sharded, n_params, estimate = build_models(args, device, world, compute_dtype)
+    gpu_memory = args.gpu_memory or (device_memory(device) / 2**30 if device.type == "cuda" else None)
+    sharded, _ = choose_sharding(args, world, gpu_memory, compute_dtype)
+    memory = "no memory plan (CPU)" if gpu_memory is None else "memory plan skipped (--no-plan)"
+    if gpu_memory is not None and not args.no_plan and rank == 0:
+        memory = preflight_plan(args, world, compute_dtype, sharded, gpu_memory)
+    policy, sampler, reference, tokenizer = build_models(args, device, world, compute_dtype, sharded)
+    n_params = sum(p.numel() for p in unwrap(policy).parameters())
     prompts = {}  # chat-templated prompt tokens, computed once per question
 
     def prompt_of(i):
@@ -438,11 +544,10 @@ def train(args):
             os.remove(metrics_path)  # --overwrite was given (check_args)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({"args": vars(args), "latro": asdict(cfg)}, f, indent=2)
-        total = device_memory(device)
         print(f"preflight | model {args.model} | {n_params / 1e6:.1f}M params | world {world} | "
               f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | compute {str(compute_dtype)[6:]} | "
-              f"est. {estimate / 2**30:.1f} GiB/device before activations"
-              + (f" of {total / 2**30:.0f} GiB" if total else "") + f" | {len(examples)} questions | "
+              f"activation checkpointing {'on' if checkpointing_on(args, sharded) else 'off'} | {args.recipe} recipe | "
+              f"{memory} | {len(examples)} questions | "
               f"{args.questions_per_step} questions x K={args.num_samples} per step | steps {start}->{args.steps}",
               flush=True)
     wandb_run = None
@@ -470,7 +575,7 @@ def train(args):
         x = [prompt_of(i) for i in ids]
         autocast = torch.autocast("cuda", dtype=compute_dtype) if device.type == "cuda" and not sharded \
             and compute_dtype != torch.float32 else nullcontext()
-        sync = lambda last: set_grad_sync(policy, last)
+        sync = lambda last: set_grad_sync(policy, sync_this_micro_batch(policy, last))
         if args.method == "latro":
             ro, m = latro.rollout(sampler, reference, tokenizer, x, [e.answer_text for e in batch], cfg,
                                   seeds=[question_seed(args.seed, step, i) for i in ids])
@@ -542,9 +647,50 @@ def train(args):
     return policy
 
 
+def preflight_plan(args, world, compute_dtype, sharded, gpu_memory):
+    """The memory plan of this run, printed in full; simulated in a subprocess (its fake process group must not
+    meet this process's real one). -> a short summary for the preflight line."""
+    import subprocess
+    cmd = [sys.executable, os.path.abspath(__file__), "--plan", "--model", args.model, "--nproc", str(world),
+           "--gpu-memory", str(gpu_memory), "--fsdp", "on" if sharded else "off",
+           "--activation-checkpointing", "on" if checkpointing_on(args, sharded) else "off",
+           "--dtype", str(compute_dtype)[6:], "--num-samples", str(args.num_samples),
+           "--questions-per-step", str(args.questions_per_step), "--micro-batch-size", str(args.micro_batch_size),
+           "--max-rationale-tokens", str(args.max_rationale_tokens), "--temperature", str(args.temperature)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"memory plan failed ({(p.stderr.strip().splitlines() or ['?'])[-1]})"
+    print(p.stdout.rstrip(), flush=True)
+    return p.stdout.strip().splitlines()[-1].strip().split(" (")[0]
+
+
+def print_plan(args):
+    """--plan: the memory plan of the run these flags describe, on --nproc GPUs of --gpu-memory GiB."""
+    import plan
+    fill_defaults(args)
+    world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    args.overwrite = True  # the plan writes nothing, so an existing run directory is no obstacle
+    check_args(args, world)
+    compute_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16  # planned for GPUs: bf16 by default
+    gpu_memory = args.gpu_memory or 80.0
+    sharded, replicated = choose_sharding(args, world, gpu_memory, compute_dtype)
+    result = replicated if replicated is not None and not sharded else plan_run(args, world, compute_dtype, sharded)
+    cfg, alias = plan.model_config(args.model)
+    title = (f"memory plan | {args.model}{f' ({alias})' if alias and alias != args.model else ''} | {args.recipe} "
+             f"recipe: K={args.num_samples}, L={args.max_rationale_tokens}, {args.questions_per_step} questions/step, "
+             f"micro-batch {args.micro_batch_size} | {world} x {gpu_memory:g} GiB | "
+             f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | {str(compute_dtype)[6:]} | "
+             f"activation checkpointing {'on' if checkpointing_on(args, sharded) else 'off'} | rank 0 of {world}")
+    print(plan.format_plan(result, title, gpu_memory), flush=True)
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.plan:
+            print_plan(args)
+            return
         train(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
