@@ -321,7 +321,8 @@ class Transformer(nn.Module):
             return F.linear(h, self.output_weight())
         if target_mask is None:  # every position is a target (the memory plan's worst case: no data to index by)
             B, T = targets.shape
-            return fused_logprobs(h.flatten(0, 1), self.output_weight(), targets.flatten(), temperature).unflatten(0, (B, T))
+            lp = fused_logprobs(h.flatten(0, 1), self.output_weight(), targets.flatten(), temperature)     # (B*T,)
+            return lp.view(B, T).clone()  # not a view: FSDP2 hooks a module's output for backward
         lp = fused_logprobs(h[target_mask], self.output_weight(), targets[target_mask], temperature)   # (N,)
         return torch.zeros(target_mask.shape, device=h.device, dtype=torch.float32).masked_scatter(target_mask, lp)
 

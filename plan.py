@@ -162,7 +162,8 @@ def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step
 
     cfg: a config.json dict. fake=True: fake tensors on the fake process group (world ranks, this is rank 0).
     fake=False: real tensors on the current process group (a real run of the same steps, e.g. 2 gloo ranks, to
-    check the simulation against). -> {"train": rows, "sample": rows, "seconds": wall time}"""
+    check the simulation against). -> {"train": rows, "sample": rows, "score": rows (each {row: bytes}),
+    "step": the optimizer step's peak in bytes, "seconds": wall time}"""
     import latro
     import train
     from model import ModelArgs
@@ -206,13 +207,28 @@ def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step
             # implementation's one transient, sqrt of the second moments (the size of the fp32 params again)
             step_peak = 3 * tensor_bytes(policy) + tensor_bytes(optimizer) + train_rows["reference"] + \
                 train_rows["sampler copy"]
-            sample_rows = _sample_phase(policy, optimizer, sampler, reference, questions_per_step // world, cfg_l,
-                                        args, prompt_tokens, answer_tokens, MemTracker)
+            sample_rows, score_rows = _sample_phases(policy, optimizer, sampler, reference,
+                                                     questions_per_step // world, cfg_l, args, prompt_tokens,
+                                                     answer_tokens, MemTracker)
             sample_rows.update(frozen)
+            score_rows.update(frozen)
     finally:
         if owns_pg:
             dist.destroy_process_group()
-    return {"train": train_rows, "sample": sample_rows, "step": step_peak, "seconds": time.time() - t0}
+    return {"train": train_rows, "sample": sample_rows, "score": score_rows, "step": step_peak,
+            "seconds": time.time() - t0}
+
+
+def replica_lower_bound(cfg, compute_dtype):
+    """Bytes a replicated run holds before any activation: fp32 weights, gradients and AdamW's two moments (16 B per
+    parameter), plus the reference and the sampling copy in the compute dtype. A replica over the limit on this
+    alone needs no simulation."""
+    from model import ModelArgs
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        n = sum(p.numel() for p in _build(ModelArgs.from_hf_config(cfg), cfg, torch.float32).parameters())
+    low = compute_dtype.itemsize
+    return 16 * n + (2 * low * n if compute_dtype != torch.float32 else low * n)
 
 
 def _build(args, cfg, dtype):
@@ -261,11 +277,12 @@ def _train_phase(policy, optimizer, sharded, cfg, args, prompt_tokens, answer_to
 
 
 @torch.no_grad()
-def _sample_phase(policy, optimizer, sampler, reference, questions, cfg, args, prompt_tokens, answer_tokens,
-                  tracker_cls):
-    """refresh_sampler, then sampling (prefill of this rank's prompts, one decode step at the full cache length)
-    and the no-grad scoring of one micro-batch with the sampler and the reference. Training state that persists
-    (fp32 params, optimizer state) is counted exactly; gradients are freed (zero_grad(set_to_none=True))."""
+def _sample_phases(policy, optimizer, sampler, reference, questions, cfg, args, prompt_tokens, answer_tokens,
+                   tracker_cls):
+    """-> (sampling rows, scoring rows). Sampling: refresh_sampler, the prefill of this rank's prompts and one
+    decode step at the full cache length. Scoring: one no-grad micro-batch through the sampler (log pi(z|x) and the
+    reward) and the reference. Training state that persists (fp32 params, optimizer state) is counted exactly;
+    gradients are freed by then (zero_grad(set_to_none=True))."""
     import latro
     import train
     from model import decode_step, prefill, sample_next, token_logprobs
@@ -273,61 +290,71 @@ def _sample_phase(policy, optimizer, sampler, reference, questions, cfg, args, p
     # mark them trainable for the simulation (under no_grad this changes nothing else)
     for p in list(sampler.parameters()) + list(reference.parameters()):
         p.requires_grad_(True)
-    tracker = tracker_cls()
-    tracker.track_external(sampler, reference)  # resident all phase long: the peak is where the transients peak
-    with tracker:
+    frozen = tensor_bytes(sampler, reference)
+
+    def window():
+        tracker = tracker_cls()
+        tracker.track_external(sampler, reference)  # resident all along: the peak is where the transients peak
+        return tracker
+
+    def rows_of(tracker):
+        rows = peak_rows(tracker)
+        # the tracker files the parameters a module runs with under params: besides the resident sampler and
+        # reference (counted exactly by the caller) these are the reference's gathered blocks
+        rows["params gathered"] += max(0, rows["params"] - frozen)
+        rows["params"] = tensor_bytes(policy)
+        rows["optimizer state"] = tensor_bytes(optimizer)
+        return rows
+
+    with window() as tracker:
         if sampler is not policy:
             train.refresh_sampler(sampler, policy)
         prompts = [[1] * prompt_tokens for _ in range(questions)]
         caches, logits = prefill(sampler, prompts, cfg.num_samples, cfg.max_rationale_tokens)
-        tracker.reset_mod_stats()
+        tracker.reset_mod_stats()  # the trackers follow one call per module at a time; the peak is kept
         tokens = sample_next(logits, cfg.temperature)
         pos = torch.full(tokens.shape, prompt_tokens + cfg.max_rationale_tokens - 1)
         logits = decode_step(sampler, tokens, pos, caches, prompt_tokens + cfg.max_rationale_tokens)
-        kv = kv_cache_bytes(caches)
+        sampling = rows_of(tracker)
+        # the cache is alive from the prefill on; the tracker filed it under activations
+        sampling["KV cache"] = kv_cache_bytes(caches)
+        sampling["activations"] -= sampling["KV cache"]
         del caches, logits, tokens
-        tracker.reset_mod_stats()
+    with window() as tracker:
         toks, p, r, a = _scoring_batch(args, cfg.micro_batch_size, prompt_tokens, cfg.max_rationale_tokens,
                                        answer_tokens)
         latro.span_logprobs(sampler, toks, p, r, a, cfg.temperature, dense=True)
         tracker.reset_mod_stats()
         token_logprobs(reference, toks, p, r, cfg.temperature, dense=True)
-        rows = peak_rows(tracker)
-    # the tracker files the parameters a module runs with under params: besides the resident sampler and reference
-    # (counted exactly by the caller) these are the reference's gathered blocks
-    rows["params gathered"] += max(0, rows["params"] - tensor_bytes(sampler, reference))
-    # the cache was alive at the sampling peak; the tracker filed it under activations
-    if rows["activations"] >= kv:
-        rows["activations"] -= kv
-        rows["KV cache"] = kv
-    rows["params"] = tensor_bytes(policy)
-    rows["optimizer state"] = tensor_bytes(optimizer)
-    return rows
+        scoring = rows_of(tracker)
+    return sampling, scoring
 
 
 def total(rows):
     return sum(rows.values())
 
 
+PHASES = (("train", "training"), ("sample", "sampling"), ("score", "scoring"))
+
+
 def format_plan(result, title, gpu_memory_gib):
     """The plan as a table (GiB per GPU) and a verdict line."""
-    lines = [title, f"  {'GiB per GPU (simulated)':<26}{'training':>10}{'sampling':>10}"]
+    lines = [title, f"  {'GiB per GPU (simulated)':<26}" + "".join(f"{name:>10}" for _, name in PHASES)]
     for row in ROWS:
-        a, b = result["train"][row] / GiB, result["sample"][row] / GiB
-        lines.append(f"  {row:<26}{a:>10.2f}{b:>10.2f}")
-    peak = peak_bytes(result)
-    lines.append(f"  {'peak':<26}{total(result['train']) / GiB:>10.2f}{total(result['sample']) / GiB:>10.2f}"
+        lines.append(f"  {row:<26}" + "".join(f"{result[k][row] / GiB:>10.2f}" for k, _ in PHASES))
+    lines.append(f"  {'peak':<26}" + "".join(f"{total(result[k]) / GiB:>10.2f}" for k, _ in PHASES) +
                  f"   (optimizer step {result['step'] / GiB:.2f}; simulated in {result['seconds']:.1f}s)")
     if gpu_memory_gib:
         limit = FIT_FRACTION * gpu_memory_gib
-        verdict = "fits" if peak / GiB <= limit else "does NOT fit"
-        lines.append(f"  {verdict}: peak {peak / GiB:.2f} GiB vs {limit:.1f} GiB usable of {gpu_memory_gib:g} GiB "
+        peak = peak_bytes(result) / GiB
+        verdict = "fits" if peak <= limit else "does NOT fit"
+        lines.append(f"  {verdict}: peak {peak:.2f} GiB vs {limit:.1f} GiB usable of {gpu_memory_gib:g} GiB "
                      f"({FIT_FRACTION:.0%}; the rest is for the CUDA context, NCCL and fragmentation)")
     return "\n".join(lines)
 
 
 def peak_bytes(result):
-    return max(total(result["train"]), total(result["sample"]), result["step"])
+    return max(max(total(result[k]) for k, _ in PHASES), result["step"])
 
 
 def fits(result, gpu_memory_gib):

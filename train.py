@@ -253,8 +253,31 @@ def choose_sharding(args, world, gpu_memory_gib, compute_dtype):
     if gpu_memory_gib is None or args.no_plan:
         return False, None
     import plan
+    cfg, _ = plan.model_config(args.model)
+    if plan.replica_lower_bound(cfg, compute_dtype) > plan.FIT_FRACTION * gpu_memory_gib * plan.GiB:
+        return True, None  # weights, gradients and moments alone do not fit: no need to simulate the replica
     replicated = plan_run(args, world, compute_dtype, sharded=False)
     return not plan.fits(replicated, gpu_memory_gib), replicated
+
+
+def load_examples(dataset, split, limit, world, device):
+    """data.load_dataset on every rank, but local rank 0 first: it downloads into the cache (if needed) while the
+    other ranks of its machine wait, then they read the cached file. A failure on any rank stops all of them."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    examples, error = None, None
+    if first:
+        try:
+            examples = data.load_dataset(dataset, split, limit)
+        except (ValueError, FileNotFoundError) as e:
+            error = e
+    if world > 1:
+        ok = torch.tensor(float(error is None), device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # the others wait here while local rank 0 downloads
+        if error is None and ok.item() < 1:
+            raise FileNotFoundError(f"{dataset} {split}: loading failed on another rank (its error is above)")
+    if error is not None:
+        raise error
+    return examples if first else data.load_dataset(dataset, split, limit)
 
 
 def build_models(args, device, world, compute_dtype, sharded):
@@ -503,7 +526,7 @@ def train(args):
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed + rank)
 
-    examples = data.load_dataset(args.dataset, args.split, args.limit)
+    examples = load_examples(args.dataset, args.split, args.limit, world, device)
     gpu_memory = args.gpu_memory or (device_memory(device) / 2**30 if device.type == "cuda" else None)
     sharded, _ = choose_sharding(args, world, gpu_memory, compute_dtype)
     memory = "no memory plan (CPU)" if gpu_memory is None else "memory plan skipped (--no-plan)"
@@ -560,7 +583,7 @@ def train(args):
 
     evaluator = None
     if args.eval_every:  # eval.py's own code path, on the held-out split, with the sampling copy of the policy
-        eval_examples = data.load_dataset(args.dataset, args.eval_split, args.eval_limit)
+        eval_examples = load_examples(args.dataset, args.eval_split, args.eval_limit, world, device)
         evaluator = lambda: evaluation.evaluate(sampler, tokenizer, eval_examples, args.eval_max_new_tokens)[1]
 
     per_rank = args.questions_per_step // world
