@@ -74,7 +74,7 @@ def check_plan():
                            max_rationale_tokens=48, micro_batch_size=2, checkpointing=True, prompt_tokens=24,
                            answer_tokens=8, fake=False)
     if dist.get_rank() == 0:
-        print("PLAN " + json.dumps({k: result[k] for k in ("train", "sample", "step")}))
+        print("PLAN " + json.dumps({k: result[k] for k in ("train", "sample", "score", "step")}))
 
 
 if __name__ == "__main__":
