@@ -764,8 +764,14 @@ def _ours_to_hf(state, args):
 
 
 def load_state(directory, model, device, dtype):
-    """Reads every safetensors file into `model`'s parameter names, strictly: missing or unexpected keys and
-    wrong shapes are errors naming the file."""
+    """Reads every safetensors file into `model`'s parameters (assigned: a meta-device model gets real tensors)."""
+    model.load_state_dict(read_state(directory, model, device, dtype), strict=True, assign=True)
+
+
+def read_state(directory, model, device, dtype):
+    """Reads every safetensors file into a state dict with `model`'s parameter names, strictly: missing or
+    unexpected keys and wrong shapes are errors naming the file. `model` only provides names and shapes (it may be
+    on the meta device, or sharded: a DTensor's shape is the whole tensor's)."""
     from safetensors import safe_open
     expected = {k: v for k, v in model.state_dict().items()}
     state, source = {}, {}
@@ -795,15 +801,24 @@ def load_state(directory, model, device, dtype):
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {_hf_key(missing[0])!r}")
-    model.load_state_dict(state, strict=True, assign=True)
+    return state
 
 
 def load(name_or_path, device=None, dtype=None):
     """Loads a model and its tokenizer from a local HF directory, a hub id, or an alias in ALIASES.
     dtype defaults to bfloat16 on GPU and float32 on CPU. Returns (model in eval mode, tokenizer)."""
-    directory = resolve(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, tokenizer, directory = build_on_meta(name_or_path)
+    load_state(directory, model, device, dtype)
+    model.rope.reset(device)
+    return model.eval(), tokenizer
+
+
+def build_on_meta(name_or_path):
+    """The model of a checkpoint, built on the meta device (shapes, no memory), its tokenizer and the local directory
+    holding its weights (read them with read_state / load_state)."""
+    directory = resolve(name_or_path)
     config_path = os.path.join(directory, "config.json")
     config = _read_json(config_path)
     args = ModelArgs.from_hf_config(config, config_path)
@@ -813,9 +828,7 @@ def load(name_or_path, device=None, dtype=None):
             args.eos_token_ids.append(i)
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned: never two copies
         model = Transformer(args, config)
-    load_state(directory, model, device, dtype)
-    model.rope.reset(device)
-    return model.eval(), tokenizer
+    return model, tokenizer, directory
 
 
 def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import data
 import eval as evaluation
 import latro
-from model import ALIASES, load, save, token_logprobs
+from model import ALIASES, build_on_meta, load, read_state, save, token_logprobs
 
 # The paper's recipe (§5.1 and the official training.sh): lr 5e-7, K = 16, L = 500, T = 1, AdamW without warm-up,
 # linear decay, 24 questions (384 rollouts) per step; 6 "epochs" of GSM8K rollouts = 117 steps, 12 of ARC = 35.
@@ -284,18 +284,36 @@ def build_models(args, device, world, compute_dtype, sharded):
     """policy (fp32 master weights, maybe DDP/FSDP-wrapped), sampler (the module that generates and scores without
     grad), reference (frozen; sharded like the policy), tokenizer."""
     source = args.resume or args.model
-    policy, tokenizer = load(source, device=device, dtype=torch.float32)
-    reference, _ = load(args.model, device=device, dtype=compute_dtype)
-    reference.requires_grad_(False)
-    policy.checkpoint_layers = checkpointing_on(args, sharded)
-    sampler = policy
+    sampler = None
     if compute_dtype != torch.float32 or sharded:
         sampler, _ = load(source, device=device, dtype=compute_dtype)
         sampler.requires_grad_(False)
-    mesh = device_mesh(device.type, world) if sharded else None
-    policy = wrap_policy(policy, mesh, compute_dtype, world, device)
-    reference = wrap_reference(reference, mesh)
-    return policy, sampler, reference, tokenizer
+    if sharded:
+        mesh = device_mesh(device.type, world)
+        policy, tokenizer = load_sharded(source, device, torch.float32,
+                                         lambda m: wrap_policy(m, mesh, compute_dtype, world, device))
+        reference, _ = load_sharded(args.model, device, compute_dtype, lambda m: wrap_reference(m, mesh))
+    else:
+        policy, tokenizer = load(source, device=device, dtype=torch.float32)
+        reference, _ = load(args.model, device=device, dtype=compute_dtype)
+        policy = wrap_policy(policy, None, compute_dtype, world, device)
+    reference.requires_grad_(False)
+    unwrap(policy).checkpoint_layers = checkpointing_on(args, sharded)
+    return policy, sampler if sampler is not None else unwrap(policy), reference, tokenizer
+
+
+def load_sharded(source, device, dtype, wrap):
+    """A model sharded by `wrap` (FSDP2) without any rank holding all of it: built and sharded on the meta device,
+    each rank allocates its own shards, then rank 0 reads the checkpoint on the CPU and broadcasts it one tensor at
+    a time, every rank keeping its slice (an 8B policy in fp32 is 30 GiB per GPU if loaded whole)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model, tokenizer, directory = build_on_meta(source)
+    model = wrap(model.to(dtype))
+    model.to_empty(device=device)
+    state = read_state(directory, model, "cpu", dtype) if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.rope.reset(device)
+    return model.eval(), tokenizer
 
 
 def unwrap(model):
@@ -638,7 +656,7 @@ def train(args):
             m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if sampler is not policy:
+        if sampler is not unwrap(policy):  # a separate sampling copy (else it is the policy itself)
             refresh_sampler(sampler, policy)
         m = mean_across_ranks(m, world, device)
         elapsed = time.time() - t0
