@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--gpu-memory", type=float, default=None,
                    help="GiB per GPU to plan against (default: the GPU's own; 80 with --plan)")
     p.add_argument("--no-plan", action="store_true", help="skip the memory plan in the preflight of a GPU run")
+    p.add_argument("--plan-prompt-tokens", type=int, default=None,
+                   help="prompt length the plan assumes (default 250, a long GSM8K chat prompt)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a run directory that has results")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end); 0 = end only")
@@ -242,7 +244,8 @@ def plan_run(args, world, compute_dtype, sharded):
     cfg, _ = plan.model_config(args.model)
     return plan.simulate(cfg, world, sharded, compute_dtype, args.num_samples, args.questions_per_step,
                          args.max_rationale_tokens, args.micro_batch_size,
-                         checkpointing=checkpointing_on(args, sharded), temperature=args.temperature)
+                         checkpointing=checkpointing_on(args, sharded), temperature=args.temperature,
+                         prompt_tokens=args.plan_prompt_tokens or plan.PROMPT_TOKENS)
 
 
 def choose_sharding(args, world, gpu_memory_gib, compute_dtype):
@@ -697,7 +700,8 @@ def preflight_plan(args, world, compute_dtype, sharded, gpu_memory):
            "--activation-checkpointing", "on" if checkpointing_on(args, sharded) else "off",
            "--dtype", str(compute_dtype)[6:], "--num-samples", str(args.num_samples),
            "--questions-per-step", str(args.questions_per_step), "--micro-batch-size", str(args.micro_batch_size),
-           "--max-rationale-tokens", str(args.max_rationale_tokens), "--temperature", str(args.temperature)]
+           "--max-rationale-tokens", str(args.max_rationale_tokens), "--temperature", str(args.temperature)] + \
+        (["--plan-prompt-tokens", str(args.plan_prompt_tokens)] if args.plan_prompt_tokens else [])
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         return f"memory plan failed ({(p.stderr.strip().splitlines() or ['?'])[-1]})"

@@ -1,5 +1,8 @@
-"""CPU tests of fixes made for GPU runs: FusedLogProbs under autocast and its lm_head backward, and concurrent
-dataset writers."""
+"""CPU tests of fixes made for GPU runs: FusedLogProbs under autocast and its lm_head backward, concurrent dataset
+writers, and the CPU-runnable part of bench.py's gpu smoke section."""
+import json
+import os
+import sys
 import threading
 
 import pytest
@@ -101,3 +104,23 @@ def test_lm_head_backward_holds_no_fp32_copy_of_the_bf16_product():
         peak = sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
     per_weight = (peak - before) / (V * dim)
     assert per_weight < 8, per_weight
+
+
+def test_bench_gpu_section_runs_its_steps_on_cpu(tmp_path, tiny_llama_dir):
+    """bench.py --sections gpu with --device cpu and the tiny shape: a random-weight checkpoint with the given
+    tokenizer, a bf16 run of 2 steps with its memory plan, and a resume from step 1 that reproduces step 2."""
+    from conftest import REPO_ROOT, run_command
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i}\n#### {2 * i}"})
+                                 + "\n" for i in range(2)))
+    out = tmp_path / "gpu.json"
+    p = run_command([sys.executable, "bench.py", "--sections", "gpu", "--device", "cpu", "--gpu-shape", "tiny",
+                     "--model", tiny_llama_dir, "--data", str(questions), "--samples", "2", "--new-tokens", "6",
+                     "--threads", "1", "--out", str(out)], cwd=REPO_ROOT,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    g = json.loads(out.read_text())["gpu"]
+    assert g["plan_peak_gib"] is not None and g["plan_peak_gib"] > 0
+    assert g["resumed_step2_loss"] == g["step2_loss"]
+    cfg = json.loads(open(os.path.join(g["work_dir"], "model", "config.json")).read())
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["dtype"]) == (64, 2, "bfloat16")
