@@ -425,9 +425,12 @@ class KVCache:
         return _LayerCache(self, i)
 
     def select(self, rows):
-        """Keeps only the given batch rows (a 1-D index tensor), e.g. to drop finished sequences."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
+        """Keeps only the given batch rows (a 1-D index tensor), e.g. to drop finished sequences. Layer by layer, so
+        each old tensor is freed as its copy is made: a list comprehension would hold the whole old cache and the
+        whole new one at once (1.75x the cache when a quarter of the rows leave)."""
+        for i in range(len(self.k)):
+            self.k[i] = self.k[i].index_select(0, rows)
+            self.v[i] = self.v[i].index_select(0, rows)
 
 
 class _LayerCache:
