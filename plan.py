@@ -89,7 +89,12 @@ def model_config(name_or_path):
             raise FileNotFoundError(f"{path}: missing (--plan needs a config.json, an alias "
                                     f"({', '.join(CONFIGS)}) or a hub id)")
         from huggingface_hub import hf_hub_download
-        path = hf_hub_download(name_or_path, "config.json", token=os.environ.get("HF_TOKEN"))
+        try:
+            path = hf_hub_download(name_or_path, "config.json", token=os.environ.get("HF_TOKEN"))
+        except Exception as e:  # no network, unknown or gated repo: one line, not a traceback
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"model {name_or_path!r}: could not fetch its config.json for the plan ({reason})") \
+                from None
     with open(path) as f:
         cfg = json.load(f)
     return cfg, next((a for a, c in CONFIGS.items() if same_architecture(cfg, c)), None)

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 8 train.py --model llama-3.1-8b  # data-parallel; FSDP2 when replicas would not fit
     python train.py --resume runs/latro/checkpoint-000002      # continue a run exactly where it stopped
     python train.py --method sft                               # the SFT baseline: same loop, gold rationales
+    python train.py --model llama-3.1-8b --plan --nproc 8 --gpu-memory 80   # memory plan, simulated on the CPU
 
 One step: each rank takes its share of the step's questions, samples K rationales per question, scores them (no
 grad), then recomputes log-probs with gradients micro-batch by micro-batch and takes one AdamW step. Precision:
