@@ -12,8 +12,10 @@ length) and the no-grad scoring with the sampler and the reference. torch.distri
 (sharded) or MemTracker (replicated) records every allocation by category; the frozen reference and the bf16
 sampling copy, which no tracker owns, are counted exactly from their tensors.
 
-Fake tensors live on the CPU here. A GPU run allocates the same tensors on cuda (the code paths are device-agnostic),
-so the bytes are the same; what a CPU simulation cannot see is the CUDA context, NCCL buffers and the caching
+Fake tensors live on the CPU here. In torch 2.13 FakeTensorMode can fake "cuda" tensors even in a CPU-only build,
+and a cuda DeviceMesh builds on the fake process group, but FSDP2's forward on it fails ("PyTorch is not linked with
+support for cuda devices": it creates CUDA streams and events). A GPU run allocates the same tensors on cuda (the
+code paths are device-agnostic), so the bytes are the same; what a CPU simulation cannot see is the CUDA context, NCCL buffers and the caching
 allocator's fragmentation, hence the headroom: a plan "fits" when its peak is at most FIT_FRACTION of the card.
 Data-dependent Python (.item(), .tolist(), boolean indexing) has no value on fake tensors, so the simulated path
 uses the sync-free variants of the same functions: every scored row is full length (the memory worst case: every
