@@ -15,8 +15,10 @@ sampling copy, which no tracker owns, are counted exactly from their tensors.
 Fake tensors live on the CPU here. In torch 2.13 FakeTensorMode can fake "cuda" tensors even in a CPU-only build,
 and a cuda DeviceMesh builds on the fake process group, but FSDP2's forward on it fails ("PyTorch is not linked with
 support for cuda devices": it creates CUDA streams and events). A GPU run allocates the same tensors on cuda (the
-code paths are device-agnostic), so the bytes are the same; what a CPU simulation cannot see is the CUDA context, NCCL buffers and the caching
-allocator's fragmentation, hence the headroom: a plan "fits" when its peak is at most FIT_FRACTION of the card.
+code paths are device-agnostic), so the bytes are the same; a replica's bf16 autocast is simulated with CPU
+autocast, whose casts of matmuls and attention are the same as CUDA's. What a CPU simulation cannot see is the CUDA
+context, NCCL buffers and the caching allocator's fragmentation, hence the headroom: a plan "fits" when its peak is
+at most FIT_FRACTION of the card.
 Data-dependent Python (.item(), .tolist(), boolean indexing) has no value on fake tensors, so the simulated path
 uses the sync-free variants of the same functions: every scored row is full length (the memory worst case: every
 rationale runs to L tokens) and scored densely (token_logprobs(dense=True)); sampling runs prefill and one decode
@@ -165,7 +167,7 @@ def peak_rows(tracker):
 def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step, max_rationale_tokens,
              micro_batch_size, checkpointing, temperature=1.0, prompt_tokens=PROMPT_TOKENS,
              answer_tokens=ANSWER_TOKENS, fake=True):
-    """Peak bytes per rank by category for the training phase and the sampling phase of one step.
+    """Peak bytes per rank by category for the training, sampling and scoring phases of one step.
 
     cfg: a config.json dict. fake=True: fake tensors on the fake process group (world ranks, this is rank 0).
     fake=False: real tensors on the current process group (a real run of the same steps, e.g. 2 gloo ranks, to
