@@ -114,3 +114,18 @@ def test_device_index_under_torchrun_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match=r"--device cuda:1: under torchrun each rank uses cuda:LOCAL_RANK"):
         train.setup_distributed("cuda:1")
+
+
+def test_fsdp_auto_is_decided_by_the_plan(tmp_path, capsys):
+    """--fsdp auto: a replica that the plan says fits stays DDP; one whose weights, gradients and moments alone pass
+    the limit is sharded (and then gets activation checkpointing). The plan needs only config.json."""
+    import train
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    flags = ["--plan", "--model", str(tmp_path), "--nproc", "2", "--max-rationale-tokens", "16"]
+    train.main([*flags, "--gpu-memory", "80"])
+    out = capsys.readouterr().out
+    assert "| DDP |" in out and "activation checkpointing off" in out and "fits: peak" in out
+    # 994,432 parameters x 16 bytes = 15.2 MiB > 0.875 x 4 MiB
+    train.main([*flags, "--gpu-memory", str(4 / 1024)])
+    out = capsys.readouterr().out
+    assert "| FSDP2 |" in out and "activation checkpointing on" in out and "does NOT fit" in out
