@@ -10,6 +10,10 @@ Sections:
           the same model. Peak memory and time (target: memory <= 1/4, time no worse). Each variant runs in a
           fresh subprocess so that neither inherits the other's allocator state or peak.
   greedy  greedy tokens of ours vs transformers on the first GSM8K test questions, and ours batched vs unbatched.
+  gpu     a smoke run of train.py on one GPU: a random-weight model of --gpu-shape (Llama-3.2-1B or SmolLM2-1.7B
+          shaped, with --model's tokenizer), one bf16 LaTRO step (sampling, scoring, backward, AdamW), a checkpoint,
+          and a resume to step 2; prints the measured peak (torch.cuda.max_memory_allocated) next to the memory plan
+          of the same configuration. --device cpu runs the same steps on the CPU (peak = RSS, not comparable).
   reward  LaTRO's self-reward, mean log pi(y | x, z) over K sampled rationales, on the LAST --reward-questions of
           --reward-data (held out from a train.py run given --limit <file length - N>); run it on a model before
           and after training, with the same seed, to see whether training raised it on unseen questions.
@@ -265,6 +269,81 @@ def bench_reward(args):
 # ----------------------------------------------------------------------------------------------------------------
 # Table and CLI
 
+# ----------------------------------------------------------------------------------------------------------------
+# gpu: one real bf16 step, a checkpoint and a resume of train.py, measured against its memory plan
+
+GPU_SHAPES = {  # config.json fields; vocab and end-of-turn ids come from --model's tokenizer
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rope_theta=500000.0,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    "smollm2-1.7b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         max_position_embeddings=8192, rope_theta=130000.0),
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=2048,
+                 rope_theta=10000.0),
+}
+
+
+def random_checkpoint(shape, tokenizer_dir, out_dir, seed=0):
+    """A Hugging Face checkpoint (bf16 safetensors + --model's tokenizer files) of a `shape` model with random
+    weights (embeddings N(0, 0.02) like a trained LM's scale; linear layers at torch's default init)."""
+    tokenizer = M.Tokenizer(M.resolve(tokenizer_dir))
+    cfg = dict(GPU_SHAPES[shape], vocab_size=tokenizer.vocab_size, eos_token_id=list(tokenizer.eos_ids))
+    torch.manual_seed(seed)
+    model = M.Transformer(M.ModelArgs.from_hf_config(cfg), cfg)
+    torch.nn.init.normal_(model.embed_tokens.weight, std=0.02)
+    return M.save(model.to(torch.bfloat16), tokenizer, out_dir)
+
+
+def plan_peak_gib(stdout):
+    """The plan's peak from train.py's printed plan ("fits: peak 12.34 GiB ..."), or None."""
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith(("fits: peak", "does NOT fit: peak")):
+            return float(line.split("peak ")[1].split(" GiB")[0])
+    return None
+
+
+def bench_gpu(args):
+    import tempfile
+    work = tempfile.mkdtemp(prefix="latro-gpu-")
+    ckpt = random_checkpoint(args.gpu_shape, args.model, os.path.join(work, "model"))
+    tokenizer = M.Tokenizer(ckpt)
+    examples = data.load_dataset(args.data, limit=args.gpu_questions)
+    prompt_tokens = max(len(data.chat_prompt(tokenizer, ex)) for ex in examples)
+    run_dir = os.path.join(work, "run")
+    common = ["--dataset", args.data, "--limit", str(args.gpu_questions), "--device", args.device,
+              "--dtype", "bfloat16", "--questions-per-step", str(args.gpu_questions), "--num-samples",
+              str(args.samples), "--max-rationale-tokens", str(args.new_tokens), "--micro-batch-size", "4",
+              "--lr", "1e-6", "--seed", str(args.seed), "--out", run_dir, "--save-every", "1",
+              "--gpu-memory", str(args.gpu_memory), "--plan-prompt-tokens", str(prompt_tokens)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    first = subprocess.run([sys.executable, os.path.join(here, "train.py"), "--model", ckpt, "--steps", "2", *common],
+                           capture_output=True, text=True, env=env)
+    print(first.stdout, flush=True)
+    if first.returncode != 0:
+        sys.exit(f"bench.py gpu: train.py failed:\n{first.stderr[-3000:]}")
+    # a resume from the step-1 checkpoint must reproduce step 2 (the run above wrote both)
+    resumed_dir = os.path.join(work, "resumed")
+    os.makedirs(resumed_dir)
+    os.replace(os.path.join(run_dir, "checkpoint-000001"), os.path.join(resumed_dir, "checkpoint-000001"))
+    second = subprocess.run([sys.executable, os.path.join(here, "train.py"), "--resume",
+                             os.path.join(resumed_dir, "checkpoint-000001"), "--steps", "2",
+                             *[c if c != run_dir else resumed_dir for c in common]],
+                            capture_output=True, text=True, env=env)
+    if second.returncode != 0:
+        sys.exit(f"bench.py gpu: resume failed:\n{second.stderr[-3000:]}")
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    resumed = [json.loads(line) for line in open(os.path.join(resumed_dir, "metrics.jsonl"))]
+    return {"shape": args.gpu_shape, "device": args.device, "prompt_tokens": prompt_tokens,
+            "measured_peak_gib": max(r["peak_memory_gb"] for r in rows), "plan_peak_gib": plan_peak_gib(first.stdout),
+            "step2_loss": rows[-1]["loss"], "resumed_step2_loss": resumed[-1]["loss"], "work_dir": work}
+
+
 def table(results):
     lines = ["", f"{'section':<22}{'ours':>16}{'baseline':>16}{'ratio':>10}  target"]
     for r in results.get("sample", []):
@@ -280,6 +359,13 @@ def table(results):
         g = results["greedy"]
         lines.append(f"{'greedy identical':<22}{g['identical']:>14}/{g['n']}{'':>16}{'':>10}  vs transformers")
         lines.append(f"{'greedy batched':<22}{g['batched_identical']:>14}/{g['n']}{'':>16}{'':>10}  vs unbatched")
+    if "gpu" in results:
+        g = results["gpu"]
+        plan = "n/a" if g["plan_peak_gib"] is None else f"{g['plan_peak_gib']:.2f}"
+        lines.append(f"{'gpu peak GiB':<22}{g['measured_peak_gib']:>16.2f}{plan:>16}{'':>10}  measured vs plan "
+                     f"({g['shape']}, {g['device']})")
+        lines.append(f"{'gpu resume step-2 loss':<22}{g['resumed_step2_loss']:>16.4f}{g['step2_loss']:>16.4f}"
+                     f"{'':>10}  resumed vs straight")
     if "reward" in results:
         lines.append(f"{'held-out reward':<22}{results['reward']['mean_reward']:>16.3f}  nats, mean log pi(y|x,z)")
     return "\n".join(lines)
@@ -307,6 +393,9 @@ def parse_args(argv=None):
     p.add_argument("--reward-questions", type=int, default=32, help="the last N questions of --reward-data")
     p.add_argument("--reward-samples", type=int, default=8, help="K rationales per question")
     p.add_argument("--reward-tokens", type=int, default=128, help="rationale length limit L")
+    p.add_argument("--gpu-shape", choices=tuple(GPU_SHAPES), default="llama-3.2-1b")
+    p.add_argument("--gpu-questions", type=int, default=2, help="questions per step in the gpu section")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB the gpu section's plan is checked against")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write all results as JSON here")
     p.add_argument("--score-worker", help=argparse.SUPPRESS)  # internal: one score variant in a fresh process
@@ -333,8 +422,10 @@ def main(argv=None):
             results["greedy"] = bench_greedy(args)
         elif section == "reward":
             results["reward"] = bench_reward(args)
+        elif section == "gpu":
+            results["gpu"] = bench_gpu(args)
         else:
-            sys.exit(f"bench.py: unknown section {section!r} (sample, score, greedy, reward)")
+            sys.exit(f"bench.py: unknown section {section!r} (sample, score, greedy, reward, gpu)")
     print(table(results))
     if args.out:
         with open(args.out, "w") as f:

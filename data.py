@@ -236,11 +236,21 @@ def download_arc_challenge(split: str, dest: Path) -> None:
 
 
 def write_atomic(dest: Path, body: bytes) -> None:
-    """Write to a temporary file and rename, so an interrupted download never leaves a truncated dataset."""
+    """Write to a temporary file and rename, so an interrupted download never leaves a truncated dataset. The
+    temporary name is unique, so concurrent writers (ranks on one machine) never write into each other's file;
+    each rename is atomic and the last one wins with a complete file."""
+    import tempfile
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_bytes(body)
-    os.replace(tmp, dest)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a dataset cache is not
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def resolve(name_or_path: str, split: str) -> Path:

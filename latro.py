@@ -144,17 +144,18 @@ def latro_loss(logp, logp_answer, advantages, answer_weight, n):
 # --------------------------------------------------------------------------------------------------------------
 # Step 3: scoring spans with the one fused scoring function
 
-def span_logprobs(model, tokens, prompt_end, rationale_end, answer_end, temperature):
+def span_logprobs(model, tokens, prompt_end, rationale_end, answer_end, temperature, dense=False):
     """-> (log pi(z|x), log pi(y|x,z)), each (n,) fp32 sums. One forward when temperature == 1: the same pass over
-    [x | z | y] scores both spans. z is scored at the sampling temperature, y at the model's own (1)."""
-    lp = token_logprobs(model, tokens, prompt_end, answer_end, temperature)             # (n, T)
+    [x | z | y] scores both spans. z is scored at the sampling temperature, y at the model's own (1).
+    dense: see token_logprobs (the memory plan's no-data path)."""
+    lp = token_logprobs(model, tokens, prompt_end, answer_end, temperature, dense)      # (n, T)
     t = torch.arange(tokens.shape[1], device=tokens.device)
     in_z = t < rationale_end[:, None]
     logp = (lp * in_z).sum(1)
     if temperature == 1.0:
         logp_answer = (lp * ~in_z).sum(1)
     else:
-        logp_answer = token_logprobs(model, tokens, rationale_end, answer_end, 1.0).sum(1)
+        logp_answer = token_logprobs(model, tokens, rationale_end, answer_end, 1.0, dense).sum(1)
     return logp, logp_answer
 
 
@@ -240,21 +241,27 @@ def policy_device(model):
 
 def backward_on_rollout(policy, ro, cfg, n_total=None, before_forward=None, progress=None):
     """Recomputes log pi(z|x) and log pi(y|x,z) with gradients and backpropagates L micro-batch by micro-batch.
-    n_total: the row count the loss is averaged over (default: this rollout's rows). before_forward(is_last) lets
-    the trainer skip DDP's gradient all-reduce until the last micro-batch (DDP reads its flag in forward, so
-    it must be set before the forward, not before the backward). progress: optional callable("train", **counts)
-    after each micro-batch. Returns metrics."""
+    n_total: the row count the loss is averaged over (default: this rollout's rows). before_forward(is_last) is
+    called before each micro-batch's forward (the trainer turns DDP's gradient all-reduce off until the last
+    micro-batch there: DDP reads its flag in forward). progress: optional callable("train", **counts) after
+    each micro-batch. Returns metrics."""
     n = n_total or ro.tokens.shape[0]
-    pg_sum, answer_sum, loss_sum = 0.0, 0.0, 0.0
+    sums = torch.zeros(3, device=ro.tokens.device, dtype=torch.float64)  # loss, pg, answer: one host sync at the end
     batches = list(micro_batches(ro, cfg.micro_batch_size))
     for j, (toks, p, r, a, sl) in enumerate(batches):
         if before_forward is not None:
             before_forward(j == len(batches) - 1)
-        logp, logp_answer = span_logprobs(policy, toks, p, r, a, cfg.temperature)
-        loss, pg, answer = latro_loss(logp, logp_answer, ro.advantages[sl], cfg.answer_weight, n)
-        loss.backward()
-        loss_sum, pg_sum, answer_sum = loss_sum + loss.item(), pg_sum + pg.item(), answer_sum + answer.item()
+        sums += torch.stack(backward_micro_batch(policy, toks, p, r, a, ro.advantages[sl], cfg, n))
         if progress is not None:
             progress("train", done=j + 1, total=len(batches), rows_finished=min(sl.stop, len(ro.tokens)),
                      rows=len(ro.tokens), tokens=0)
-    return {"loss": loss_sum, "loss_pg": pg_sum, "loss_answer": answer_sum}
+    loss, pg, answer = sums.tolist()
+    return {"loss": loss, "loss_pg": pg, "loss_answer": answer}
+
+
+def backward_micro_batch(policy, tokens, prompt_end, rationale_end, answer_end, advantages, cfg, n, dense=False):
+    """Forward and backward of L on one micro-batch of n rows -> (loss, pg, answer), detached 0-d tensors."""
+    logp, logp_answer = span_logprobs(policy, tokens, prompt_end, rationale_end, answer_end, cfg.temperature, dense)
+    loss, pg, answer = latro_loss(logp, logp_answer, advantages, cfg.answer_weight, n)
+    loss.backward()
+    return loss.detach(), pg, answer

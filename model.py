@@ -319,6 +319,10 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions)
         if targets is None:
             return F.linear(h, self.output_weight())
+        if target_mask is None:  # every position is a target (the memory plan's worst case: no data to index by)
+            B, T = targets.shape
+            lp = fused_logprobs(h.flatten(0, 1), self.output_weight(), targets.flatten(), temperature)     # (B*T,)
+            return lp.view(B, T).clone()  # not a view: FSDP2 hooks a module's output for backward
         lp = fused_logprobs(h[target_mask], self.output_weight(), targets[target_mask], temperature)   # (N,)
         return torch.zeros(target_mask.shape, device=h.device, dtype=torch.float32).masked_scatter(target_mask, lp)
 
@@ -328,7 +332,11 @@ class Transformer(nn.Module):
 
 class FusedLogProbs(torch.autograd.Function):
     """lm_head + fp32 log-softmax + gather for N rows, `chunk` rows at a time. Only (chunk, V) logits exist at
-    once; backward recomputes them instead of saving them. d logp / d logits = (onehot - softmax) / T."""
+    once; backward recomputes them instead of saving them. d logp / d logits = (onehot - softmax) / T.
+
+    Backward recomputes the logits under the autocast state the forward ran in (what torch.amp.custom_fwd /
+    custom_bwd do, for whichever device the tensors are on): a backward called outside autocast would otherwise
+    recompute fp32 logits for a forward that used bf16 ones, and its gradient would not match its forward."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, chunk):
@@ -338,25 +346,36 @@ class FusedLogProbs(torch.autograd.Function):
             out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None])[:, 0] - logits.logsumexp(-1)
         ctx.save_for_backward(h, weight, targets)
         ctx.temperature, ctx.chunk = temperature, chunk
+        device = h.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return FusedLogProbs._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         h, weight, targets = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for i in range(0, h.shape[0], chunk):
             hc, g = h[i:i + chunk], grad[i:i + chunk]
-            logits = F.linear(hc, weight).float().div_(T)                              # (c, V) recomputed
-            dlogits = logits.softmax(-1).mul_(-g[:, None] / T)      # in place: one (c, V) buffer besides logits
+            logits = F.linear(hc, weight)                                               # (c, V) recomputed
+            mm_dtype = logits.dtype                                                     # bf16 under autocast
+            dlogits = logits.float().div_(T).softmax(-1).mul_(-g[:, None] / T)  # in place: one fp32 (c, V) buffer
             del logits
             dlogits.scatter_add_(1, targets[i:i + chunk, None], g[:, None] / T)
-            dlogits = dlogits.to(h.dtype)
+            dlogits = dlogits.to(mm_dtype)
             if grad_h is not None:
                 grad_h[i:i + chunk] = dlogits @ weight                                  # (c, dim)
             if grad_w is not None:
-                grad_w += (dlogits.t() @ hc).float()                                    # (V, dim), fp32 accumulation
+                # fp32 accumulation straight from the matmul's output: the (V, dim) product is the only temporary
+                # (no extra .float() copy of it)
+                grad_w += dlogits.t() @ hc                                              # (V, dim)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
@@ -367,21 +386,26 @@ def fused_logprobs(h, weight, targets, temperature=1.0, chunk=None):
     return FusedLogProbs.apply(h, weight, targets, float(temperature), chunk)
 
 
-def token_logprobs(model, tokens, starts, ends, temperature=1.0):
+def token_logprobs(model, tokens, starts, ends, temperature=1.0, dense=False):
     """Per-token log-probs of chosen spans - the one scoring function for policy, reference and reward.
 
     tokens (B, T) long, right-padded (padding after a row's end is never read: attention is causal).
     starts, ends (B,) long: score positions starts[b] <= t < ends[b] (starts >= 1: token 0 has no prefix).
     Returns (B, T) fp32 with out[b, t] = log softmax(logits[b, t-1] / temperature)[tokens[b, t]] inside the span and
     0 outside, so out.sum(1) is the span's log-likelihood. Differentiable; `model` may be wrapped in DDP/FSDP.
+    dense: score every position and zero those outside the spans, instead of gathering the span positions: no
+    host sync and no data-dependent shape (the memory plan runs this on fake tensors, which hold no data).
     """
     B, T = tokens.shape
     starts, ends = torch.as_tensor(starts, device=tokens.device), torch.as_tensor(ends, device=tokens.device)
-    if (starts < 1).any() or (ends > T).any():
+    if not dense and ((starts < 1).any() or (ends > T).any()):
         raise ValueError("token_logprobs: spans must satisfy 1 <= start and end <= tokens.shape[1]")
     t = torch.arange(1, T, device=tokens.device)
     mask = (t >= starts[:, None]) & (t < ends[:, None])                  # (B, T-1): predicted by position t-1
-    lp = model(tokens[:, :-1], targets=tokens[:, 1:], target_mask=mask, temperature=temperature)   # (B, T-1)
+    if dense:
+        lp = model(tokens[:, :-1], targets=tokens[:, 1:], temperature=temperature) * mask           # (B, T-1)
+    else:
+        lp = model(tokens[:, :-1], targets=tokens[:, 1:], target_mask=mask, temperature=temperature)
     return F.pad(lp, (1, 0))                                              # (B, T)
 
 
@@ -401,9 +425,12 @@ class KVCache:
         return _LayerCache(self, i)
 
     def select(self, rows):
-        """Keeps only the given batch rows (a 1-D index tensor), e.g. to drop finished sequences."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
+        """Keeps only the given batch rows (a 1-D index tensor), e.g. to drop finished sequences. Layer by layer, so
+        each old tensor is freed as its copy is made: a list comprehension would hold the whole old cache and the
+        whole new one at once (1.75x the cache when a quarter of the rows leave)."""
+        for i in range(len(self.k)):
+            self.k[i] = self.k[i].index_select(0, rows)
+            self.v[i] = self.v[i].index_select(0, rows)
 
 
 class _LayerCache:
@@ -445,6 +472,36 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, uniforms=None):
     return torch.minimum(picked, (cdf >= total).int().argmax(-1))
 
 
+def prefill(model, prompts, num_samples, max_new_tokens):
+    """Prefills each prompt once (right-padded; padding sits after the prompt and is masked by position), then
+    copies its cache into its K sample rows: the RL case samples 16 rationales of one question.
+    -> (KVCache with B = P * K rows and room for max_new_tokens more, logits (B, V) fp32 of each row's next token)"""
+    device, K, P = model.embed_tokens.weight.device, num_samples, len(prompts)
+    max_prompt = max(len(p) for p in prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    caches = KVCache(model.args, P * K, max_prompt + max_new_tokens, device, model.embed_tokens.weight.dtype)
+    padded = torch.zeros(P, max_prompt, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        padded[i, :len(p)] = torch.tensor(p, device=device)
+    per_prompt = KVCache(model.args, P, max_prompt, device, caches.k[0].dtype)
+    positions = torch.arange(max_prompt, device=device).expand(P, max_prompt)
+    h = model.hidden_states(padded, positions, per_prompt)                                   # (P, T, dim)
+    last = h[torch.arange(P, device=device), lengths - 1]                                 # (P, dim)
+    logits = F.linear(last, model.output_weight()).float().repeat_interleave(K, 0)        # (B, V)
+    for i in range(model.args.n_layers):
+        caches.k[i][:, :, :max_prompt] = per_prompt.k[i].repeat_interleave(K, 0)
+        caches.v[i][:, :, :max_prompt] = per_prompt.v[i].repeat_interleave(K, 0)
+    return caches, logits
+
+
+def decode_step(model, tokens, pos, caches, length):
+    """One decoding step: tokens (B,) at positions pos (B,), attending to cache slots [0, length) ->
+    logits (B, V) fp32 of the next tokens."""
+    caches.length = length
+    h = model.hidden_states(tokens[:, None], pos[:, None], caches)                        # (B, 1, dim)
+    return F.linear(h[:, 0], model.output_weight()).float()                               # (B, V)
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop=None, num_samples=1,
              seed=None, tokenizer=None, progress=None):
@@ -474,26 +531,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
             raise ValueError(f"generate: got {len(seeds)} seeds for {P} prompts")
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     B = P * K
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    max_prompt = int(lengths.max())
-    caches = KVCache(model.args, B, max_prompt + max_new_tokens, device, model.embed_tokens.weight.dtype)
-
-    # Prefill each prompt once (right-padded; padding sits after the prompt and is masked by position), then copy
-    # its cache into its K sample rows: the RL case samples 16 rationales of one question.
-    padded = torch.zeros(P, max_prompt, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        padded[i, :len(p)] = torch.tensor(p, device=device)
-    prefill = KVCache(model.args, P, max_prompt, device, caches.k[0].dtype)
-    positions = torch.arange(max_prompt, device=device).expand(P, max_prompt)
-    h = model.hidden_states(padded, positions, prefill)                                   # (P, T, dim)
-    last = h[torch.arange(P, device=device), lengths - 1]                                 # (P, dim)
-    logits = F.linear(last, model.output_weight()).float().repeat_interleave(K, 0)        # (B, V)
-    for i in range(model.args.n_layers):
-        caches.k[i][:, :, :max_prompt] = prefill.k[i].repeat_interleave(K, 0)
-        caches.v[i][:, :, :max_prompt] = prefill.v[i].repeat_interleave(K, 0)
-    del prefill, h
-
-    pos = lengths.repeat_interleave(K)        # (B,) where each row's next token goes
+    caches, logits = prefill(model, prompts, K, max_new_tokens)                           # logits (B, V)
+    pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(K)    # (B,) next positions
+    prompt_len = [len(prompts[b // K]) for b in range(B)]
     out = [[] for _ in range(B)]
     rows = list(range(B))                     # the output row of each batch row; finished rows leave the batch
     done = [False] * B
@@ -524,9 +564,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
             idx = torch.tensor(keep, device=device)
             caches.select(idx)
             tokens, pos, rows = tokens[idx], pos[idx], [rows[j] for j in keep]
-        caches.length = int(pos.max()) + 1  # attend only to slots some row has filled
-        h = model.hidden_states(tokens[:, None], pos[:, None], caches)                    # (rows, 1, dim)
-        logits = F.linear(h[:, 0], model.output_weight()).float()                         # (rows, V)
+        # attend only to slots some row has filled: row b has written its prompt and `step` sampled tokens
+        logits = decode_step(model, tokens, pos, caches, max(prompt_len[b] for b in rows) + step + 1)
         pos = pos + 1
     return out
 
@@ -742,8 +781,14 @@ def _ours_to_hf(state, args):
 
 
 def load_state(directory, model, device, dtype):
-    """Reads every safetensors file into `model`'s parameter names, strictly: missing or unexpected keys and
-    wrong shapes are errors naming the file."""
+    """Reads every safetensors file into `model`'s parameters (assigned: a meta-device model gets real tensors)."""
+    model.load_state_dict(read_state(directory, model, device, dtype), strict=True, assign=True)
+
+
+def read_state(directory, model, device, dtype):
+    """Reads every safetensors file into a state dict with `model`'s parameter names, strictly: missing or
+    unexpected keys and wrong shapes are errors naming the file. `model` only provides names and shapes (it may be
+    on the meta device, or sharded: a DTensor's shape is the whole tensor's)."""
     from safetensors import safe_open
     expected = {k: v for k, v in model.state_dict().items()}
     state, source = {}, {}
@@ -773,15 +818,24 @@ def load_state(directory, model, device, dtype):
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {_hf_key(missing[0])!r}")
-    model.load_state_dict(state, strict=True, assign=True)
+    return state
 
 
 def load(name_or_path, device=None, dtype=None):
     """Loads a model and its tokenizer from a local HF directory, a hub id, or an alias in ALIASES.
     dtype defaults to bfloat16 on GPU and float32 on CPU. Returns (model in eval mode, tokenizer)."""
-    directory = resolve(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, tokenizer, directory = build_on_meta(name_or_path)
+    load_state(directory, model, device, dtype)
+    model.rope.reset(device)
+    return model.eval(), tokenizer
+
+
+def build_on_meta(name_or_path):
+    """The model of a checkpoint, built on the meta device (shapes, no memory), its tokenizer and the local directory
+    holding its weights (read them with read_state / load_state)."""
+    directory = resolve(name_or_path)
     config_path = os.path.join(directory, "config.json")
     config = _read_json(config_path)
     args = ModelArgs.from_hf_config(config, config_path)
@@ -797,9 +851,7 @@ def load(name_or_path, device=None, dtype=None):
                          "generation_config.json, or eos_token in tokenizer_config.json)")
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned: never two copies
         model = Transformer(args, config)
-    load_state(directory, model, device, dtype)
-    model.rope.reset(device)
-    return model.eval(), tokenizer
+    return model, tokenizer, directory
 
 
 def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 8 train.py --model llama-3.1-8b  # data-parallel; FSDP2 when replicas would not fit
     python train.py --resume runs/latro/checkpoint-000002      # continue a run exactly where it stopped
     python train.py --method sft                               # the SFT baseline: same loop, gold rationales
+    python train.py --model llama-3.1-8b --plan --nproc 8 --gpu-memory 80   # memory plan, simulated on the CPU
 
 One step: each rank takes its share of the step's questions, samples K rationales per question, scores them (no
 grad), then recomputes log-probs with gradients micro-batch by micro-batch and takes one AdamW step. Precision:
@@ -32,7 +33,7 @@ import torch.distributed as dist
 import data
 import eval as evaluation
 import latro
-from model import ALIASES, load, save, token_logprobs
+from model import ALIASES, build_on_meta, load, read_state, save, token_logprobs
 
 # The paper's recipe (§5.1 and the official training.sh): lr 5e-7, K = 16, L = 500, T = 1, AdamW without warm-up,
 # linear decay, 24 questions (384 rollouts) per step; 6 "epochs" of GSM8K rollouts = 117 steps, 12 of ARC = 35.
@@ -51,7 +52,8 @@ RECIPE = ("dataset", "split", "limit", "method", "steps", "questions_per_step", 
           "weight_decay", "grad_clip", "beta", "answer_weight", "max_rationale_tokens", "temperature", "top_p",
           "top_k", "no_nonstop_penalty", "penalty_factor", "seed")
 # Flags that belong to one invocation, never restored from the checkpoint.
-PER_INVOCATION = ("resume", "out", "overwrite", "device", "explicit", "allow_recipe_change", "model")
+PER_INVOCATION = ("resume", "out", "overwrite", "device", "explicit", "allow_recipe_change", "model", "plan", "nproc",
+                  "gpu_memory", "no_plan", "plan_prompt_tokens")
 
 
 class TrainingStopped(RuntimeError):
@@ -89,7 +91,16 @@ def parse_args(argv=None):
                    help="compute dtype (master weights are always fp32); auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--fsdp", choices=("auto", "on", "off"), default="auto",
                    help="shard params, grads and optimizer state with FSDP2; auto = when a replica would not fit")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", nargs="?", const="on", choices=("auto", "on", "off"), default="auto",
+                   help="recompute each block's activations in backward; auto = on when sharded")
+    p.add_argument("--plan", action="store_true", help="print the memory plan of this configuration (simulated on "
+                   "the CPU: no GPU, weights or data needed) and exit")
+    p.add_argument("--nproc", type=int, default=None, help="with --plan: the number of GPUs (default: WORLD_SIZE or 1)")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="GiB per GPU to plan against (default: the GPU's own; 80 with --plan)")
+    p.add_argument("--no-plan", action="store_true", help="skip the memory plan in the preflight of a GPU run")
+    p.add_argument("--plan-prompt-tokens", type=int, default=None,
+                   help="prompt length the plan assumes (default 250, a long GSM8K chat prompt)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a run directory that has results")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end); 0 = end only")
@@ -115,11 +126,32 @@ def parse_args(argv=None):
     return args
 
 
+def paper_model(name):
+    """Which of the paper's models `name` is: an alias, its hub id, or a local copy whose config.json has the same
+    shape. None for anything else."""
+    import plan
+    if name in PAPER_MODELS:
+        return name
+    by_repo = {ALIASES[a]: a for a in PAPER_MODELS}
+    if name in by_repo:
+        return by_repo[name]
+    path = os.path.join(name, "config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None  # load() reports a broken config.json with its own message
+        return next((a for a in PAPER_MODELS if plan.same_architecture(cfg, plan.CONFIGS[a])), None)
+    return None
+
+
 def fill_defaults(args):
     """Unset flags come from the paper's recipe for the paper's models and from the laptop recipe otherwise."""
     args.model = args.model or "smollm2-135m"
     args.dataset = dataset_id(args.dataset)
-    preset = PAPER if args.model in PAPER_MODELS else LAPTOP
+    args.recipe = "paper" if paper_model(args.model) else "laptop"
+    preset = PAPER if args.recipe == "paper" else LAPTOP
     name = data.detect_task(args.dataset, args.split)  # from the data's layout, not from the file's name
     for key in ("lr", "num_samples", "questions_per_step", "max_rationale_tokens", "micro_batch_size"):
         if getattr(args, key) is None:
@@ -348,56 +380,162 @@ def on_rank0(fn, rank, world):
 # Distributed setup and models
 
 def setup_distributed(device_flag):
+    """-> (device, rank, world). Under torchrun every rank drives the GPU of its LOCAL_RANK; a single process honours
+    --device cuda:N. NCCL gets the device up front and a long timeout: ranks wait in barriers while rank 0 writes
+    a checkpoint, which for an 8B model takes longer than the default 10 minutes."""
+    from datetime import timedelta
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device_flag is None else device_flag.startswith("cuda")
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, local = (dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))) if world > 1 else (0, 0)
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
-        torch.cuda.set_device(local)
-    return torch.device(f"cuda:{local}" if use_cuda else "cpu"), rank, world
-
-
-def memory_estimate(n_params, world, compute_dtype, sharded):
-    """Bytes per device: fp32 master weights + grads + AdamW moments (16 B/param, / world when sharded), a frozen
-    reference and (under bf16) a sampling copy, each in the compute dtype. Activations and the KV cache come on top."""
-    low = compute_dtype != torch.float32
-    state = 16 * n_params / (world if sharded else 1)
-    return state + n_params * (2 if low else 4) + (2 * n_params if low or sharded else 0)
+        flagged = torch.device(device_flag) if device_flag else torch.device("cuda")
+        if world > 1 and flagged.index is not None:
+            raise ValueError(f"--device {device_flag}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device "
+                             "cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+        device = torch.device("cuda", local if world > 1 else (flagged.index or 0))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    rank = 0
+    if world > 1:
+        timeout = timedelta(minutes=60)
+        if use_cuda:
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+        rank = dist.get_rank()
+    return device, rank, world
 
 
 def device_memory(device):
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
-def build_models(args, device, world, compute_dtype):
+def device_mesh(device_type, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (world,))
+
+
+def shard(model, mesh, mp_policy, reshard_root=None):
+    """FSDP2: each block is one all-gather / reduce-scatter unit; the root holds the embedding, norm and lm_head.
+    reshard_root: free the root's gathered parameters after forward (default: kept for the backward)."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    return fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_root)
+
+
+def wrap_policy(policy, mesh, compute_dtype, world, device, ddp=True):
+    """FSDP2 when `mesh` is given (compute in compute_dtype, gradients reduced in fp32), else DDP when world > 1.
+    cast_forward_inputs=False: the blocks take the fp32 RoPE tables as arguments, and casting them to bf16 would
+    make the trained policy differ from the bf16 sampler that drew the rationales (which keeps them fp32).
+    ddp=False leaves a replicated policy unwrapped (the memory plan: DDP cannot run on fake tensors)."""
+    if mesh is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        return shard(policy, mesh, MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                        cast_forward_inputs=False))
+    if world > 1 and ddp:
+        # gradient_as_bucket_view: gradients live in DDP's communication buckets instead of next to a copy of them
+        return torch.nn.parallel.DistributedDataParallel(
+            policy, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return policy
+
+
+def wrap_reference(reference, mesh):
+    """The frozen reference is sharded too when the policy is (it only runs forward: one block gathered at a time)."""
+    if mesh is None:
+        return reference
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    # a forward-only module has no backward to keep the root's gathered embedding and lm_head for
+    return shard(reference, mesh, MixedPrecisionPolicy(cast_forward_inputs=False), reshard_root=True)
+
+
+def checkpointing_on(args, sharded):
+    """Activation checkpointing: on when sharded unless --activation-checkpointing off (an 8B model's activations
+    are ~18 GiB per 4 x 760-token micro-batch without it)."""
+    return args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and sharded)
+
+
+def plan_run(args, world, compute_dtype, sharded):
+    """The memory plan of this run's configuration (plan.py), simulated on the CPU: fake tensors, fake process
+    group, no weights."""
+    import plan
+    cfg, _ = plan.model_config(args.model)
+    return plan.simulate(cfg, world, sharded, compute_dtype, args.num_samples, args.questions_per_step,
+                         args.max_rationale_tokens, args.micro_batch_size,
+                         checkpointing=checkpointing_on(args, sharded), temperature=args.temperature,
+                         prompt_tokens=args.plan_prompt_tokens or plan.PROMPT_TOKENS)
+
+
+def choose_sharding(args, world, gpu_memory_gib, compute_dtype):
+    """--fsdp auto: FSDP2 when a replica would not fit, by the memory plan of the replicated run (only with a memory
+    limit to plan against: a GPU, or --gpu-memory). -> (sharded, the plan of the replicated run or None)"""
+    if world == 1 or args.fsdp != "auto":
+        return world > 1 and args.fsdp == "on", None
+    if gpu_memory_gib is None or args.no_plan:
+        return False, None
+    import plan
+    cfg, _ = plan.model_config(args.model)
+    if plan.replica_lower_bound(cfg, compute_dtype) > plan.FIT_FRACTION * gpu_memory_gib * plan.GiB:
+        return True, None  # weights, gradients and moments alone do not fit: no need to simulate the replica
+    replicated = plan_run(args, world, compute_dtype, sharded=False)
+    return not plan.fits(replicated, gpu_memory_gib), replicated
+
+
+def load_examples(dataset, split, limit, world, device):
+    """data.load_dataset on every rank, but local rank 0 first: it downloads into the cache (if needed) while the
+    other ranks of its machine wait, then they read the cached file. A failure on any rank stops all of them."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    examples, error = None, None
+    if first:
+        try:
+            examples = data.load_dataset(dataset, split, limit)
+        except (ValueError, FileNotFoundError) as e:
+            error = e
+    if world > 1:
+        ok = torch.tensor(float(error is None), device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # the others wait here while local rank 0 downloads
+        if error is None and ok.item() < 1:
+            raise FileNotFoundError(f"{dataset} {split}: loading failed on another rank (its error is above)")
+    if error is not None:
+        raise error
+    return examples if first else data.load_dataset(dataset, split, limit)
+
+
+def build_models(args, device, world, compute_dtype, sharded):
     """policy (fp32 master weights, maybe DDP/FSDP-wrapped), sampler (the module that generates and scores without
-    grad), reference (frozen), tokenizer, and whether the policy is sharded."""
+    grad), reference (frozen; sharded like the policy), tokenizer."""
     source = args.resume or args.model
-    policy, tokenizer = load(source, device=device, dtype=torch.float32)
-    reference, _ = load(args.model, device=device, dtype=compute_dtype)
-    reference.requires_grad_(False)
-    n_params = sum(p.numel() for p in policy.parameters())
-    total = device_memory(device)
-    replicated = memory_estimate(n_params, world, compute_dtype, sharded=False)
-    sharded = args.fsdp == "on" or (args.fsdp == "auto" and world > 1 and total is not None and replicated > 0.8 * total)
-    policy.checkpoint_layers = args.activation_checkpointing
-    sampler = policy
+    sampler = None
     if compute_dtype != torch.float32 or sharded:
         sampler, _ = load(source, device=device, dtype=compute_dtype)
         sampler.requires_grad_(False)
     if sharded:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (world,))
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for layer in policy.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(policy, mesh=mesh, mp_policy=mp)
-    elif world > 1:
-        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    estimate = memory_estimate(n_params, world, compute_dtype, sharded)
-    return policy, sampler, reference, tokenizer, sharded, n_params, estimate
+        mesh = device_mesh(device.type, world)
+        policy, tokenizer = load_sharded(source, device, torch.float32,
+                                         lambda m: wrap_policy(m, mesh, compute_dtype, world, device))
+        reference, _ = load_sharded(args.model, device, compute_dtype, lambda m: wrap_reference(m, mesh))
+    else:
+        policy, tokenizer = load(source, device=device, dtype=torch.float32)
+        reference, _ = load(args.model, device=device, dtype=compute_dtype)
+        policy = wrap_policy(policy, None, compute_dtype, world, device)
+    reference.requires_grad_(False)
+    unwrap(policy).checkpoint_layers = checkpointing_on(args, sharded)
+    return policy, sampler if sampler is not None else unwrap(policy), reference, tokenizer
+
+
+def load_sharded(source, device, dtype, wrap):
+    """A model sharded by `wrap` (FSDP2) without any rank holding all of it: built and sharded on the meta device,
+    each rank allocates its own shards, then rank 0 reads the checkpoint on the CPU and broadcasts it one tensor at
+    a time, every rank keeping its slice (an 8B policy in fp32 is 30 GiB per GPU if loaded whole)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model, tokenizer, directory = build_on_meta(source)
+    model = wrap(model.to(dtype))
+    model.to_empty(device=device)
+    state = read_state(directory, model, "cpu", dtype) if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.rope.reset(device)
+    return model.eval(), tokenizer
 
 
 def unwrap(model):
@@ -406,13 +544,21 @@ def unwrap(model):
 
 @torch.no_grad()
 def refresh_sampler(sampler, policy):
-    """Copies the updated fp32 policy into the bf16 sampling copy (an all-gather per tensor when sharded)."""
+    """Copies the updated fp32 policy into the sampling copy. Sharded: each shard is cast to the sampler's dtype
+    before the all-gather (half the traffic and a bf16, not fp32, gathered tensor)."""
     for s, p in zip(sampler.parameters(), unwrap(policy).parameters()):
-        s.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+        s.copy_(p.to(s.dtype).full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+def sync_this_micro_batch(policy, is_last):
+    """FSDP2 reduce-scatters every micro-batch: skipping it would keep every parameter's unsharded fp32 gradient
+    on every rank until the last one (30 GiB for 8B). DDP all-reduces on the last micro-batch only: its gradient
+    is a replica anyway, and skipping saves the traffic."""
+    return is_last or not isinstance(policy, torch.nn.parallel.DistributedDataParallel)
 
 
 def set_grad_sync(policy, enabled):
-    """Skip the gradient all-reduce on all micro-batches but the last (DDP) / the reduce-scatter (FSDP2)."""
+    """Turn the gradient all-reduce (DDP) / reduce-scatter (FSDP2) of the next backward on or off."""
     if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
         policy.require_backward_grad_sync = enabled
     elif hasattr(policy, "set_requires_gradient_sync"):
@@ -811,8 +957,14 @@ def run(args, device, rank, world, resume_state, status):
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed + rank)
 
-    examples = data.load_dataset(args.dataset, args.split, args.limit)
-    policy, sampler, reference, tokenizer, sharded, n_params, estimate = build_models(args, device, world, compute_dtype)
+    examples = load_examples(args.dataset, args.split, args.limit, world, device)
+    gpu_memory = args.gpu_memory or (device_memory(device) / 2**30 if device.type == "cuda" else None)
+    sharded, _ = choose_sharding(args, world, gpu_memory, compute_dtype)
+    memory = "no memory plan (CPU)" if gpu_memory is None else "memory plan skipped (--no-plan)"
+    if gpu_memory is not None and not args.no_plan and rank == 0:
+        memory = preflight_plan(args, world, compute_dtype, sharded, gpu_memory)
+    policy, sampler, reference, tokenizer = build_models(args, device, world, compute_dtype, sharded)
+    n_params = sum(p.numel() for p in unwrap(policy).parameters())
     prompts = {}  # chat-templated prompt tokens, computed once per question
 
     def prompt_of(i):
@@ -853,11 +1005,10 @@ def run(args, device, rank, world, resume_state, status):
         with open(config_path + ".tmp", "w") as f:
             json.dump({"args": vars(args), "latro": asdict(cfg)}, f, indent=2)
         os.replace(config_path + ".tmp", config_path)
-        total = device_memory(device)
         print(f"preflight | model {args.model} | {n_params / 1e6:.1f}M params | world {world} | "
               f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | compute {str(compute_dtype)[6:]} | "
-              f"est. {estimate / 2**30:.1f} GiB/device before activations"
-              + (f" of {total / 2**30:.0f} GiB" if total else "") + f" | {len(examples)} questions | "
+              f"activation checkpointing {'on' if checkpointing_on(args, sharded) else 'off'} | {args.recipe} recipe | "
+              f"{memory} | {len(examples)} questions | "
               f"{args.questions_per_step} questions x K={args.num_samples} per step | task "
               f"{data.task_name(examples[0].task)}, beta {args.beta} | steps {start}->{args.steps}",
               flush=True)
@@ -871,7 +1022,7 @@ def run(args, device, rank, world, resume_state, status):
 
     evaluator = None
     if args.eval_every:  # eval.py's own code path, on the held-out split, with the sampling copy of the policy
-        eval_examples = data.load_dataset(args.dataset, args.eval_split, args.eval_limit)
+        eval_examples = load_examples(args.dataset, args.eval_split, args.eval_limit, world, device)
         evaluator = lambda: evaluation.evaluate(sampler, tokenizer, eval_examples, args.eval_max_new_tokens)[1]
 
     per_rank = args.questions_per_step // world
@@ -888,7 +1039,7 @@ def run(args, device, rank, world, resume_state, status):
         x = [prompt_of(i) for i in ids]
         autocast = torch.autocast("cuda", dtype=compute_dtype) if device.type == "cuda" and not sharded \
             and compute_dtype != torch.float32 else nullcontext()
-        sync = lambda last: set_grad_sync(policy, last)
+        sync = lambda last: set_grad_sync(policy, sync_this_micro_batch(policy, last))
         if args.method == "latro":
             ro, m = latro.rollout(sampler, reference, tokenizer, x, [e.answer_text for e in batch], cfg,
                                   seeds=[question_seed(args.seed, step, i) for i in ids], progress=progress)
@@ -933,7 +1084,7 @@ def run(args, device, rank, world, resume_state, status):
             m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if sampler is not policy:
+        if sampler is not unwrap(policy):  # a separate sampling copy (else it is the policy itself)
             refresh_sampler(sampler, policy)
         m = mean_across_ranks(m, world, device)
         if "sample_tokens_per_s" in m:
@@ -965,9 +1116,51 @@ def run(args, device, rank, world, resume_state, status):
     return policy
 
 
+def preflight_plan(args, world, compute_dtype, sharded, gpu_memory):
+    """The memory plan of this run, printed in full; simulated in a subprocess (its fake process group must not
+    meet this process's real one). -> a short summary for the preflight line."""
+    import subprocess
+    cmd = [sys.executable, os.path.abspath(__file__), "--plan", "--model", args.model, "--nproc", str(world),
+           "--gpu-memory", str(gpu_memory), "--fsdp", "on" if sharded else "off",
+           "--activation-checkpointing", "on" if checkpointing_on(args, sharded) else "off",
+           "--dtype", str(compute_dtype)[6:], "--num-samples", str(args.num_samples),
+           "--questions-per-step", str(args.questions_per_step), "--micro-batch-size", str(args.micro_batch_size),
+           "--max-rationale-tokens", str(args.max_rationale_tokens), "--temperature", str(args.temperature)] + \
+        (["--plan-prompt-tokens", str(args.plan_prompt_tokens)] if args.plan_prompt_tokens else [])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"memory plan failed ({(p.stderr.strip().splitlines() or ['?'])[-1]})"
+    print(p.stdout.rstrip(), flush=True)
+    return p.stdout.strip().splitlines()[-1].strip().split(" (")[0]
+
+
+def print_plan(args):
+    """--plan: the memory plan of the run these flags describe, on --nproc GPUs of --gpu-memory GiB."""
+    import plan
+    fill_defaults(args)
+    world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    args.overwrite = True  # the plan writes nothing, so an existing run directory is no obstacle
+    check_args(args, world)
+    compute_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16  # planned for GPUs: bf16 by default
+    gpu_memory = args.gpu_memory or 80.0
+    sharded, replicated = choose_sharding(args, world, gpu_memory, compute_dtype)
+    result = replicated if replicated is not None and not sharded else plan_run(args, world, compute_dtype, sharded)
+    cfg, alias = plan.model_config(args.model)
+    title = (f"memory plan | {args.model}{f' ({alias})' if alias and alias != args.model else ''} | {args.recipe} "
+             f"recipe: K={args.num_samples}, L={args.max_rationale_tokens}, {args.questions_per_step} questions/step, "
+             f"micro-batch {args.micro_batch_size} | {world} x {gpu_memory:g} GiB | "
+             f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | {str(compute_dtype)[6:]} | "
+             f"activation checkpointing {'on' if checkpointing_on(args, sharded) else 'off'} | rank 0 of {world}")
+    print(plan.format_plan(result, title, gpu_memory), flush=True)
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.plan:
+            print_plan(args)
+            return
         train(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -547,3 +547,7 @@ def run_command(cmd, **kwargs):
             any(e in result.stdout + result.stderr for e in LAUNCH_ERRORS):
         result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     return result
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes tens of seconds; still run by CI (each under 2 minutes)")

@@ -1,0 +1,374 @@
+"""A memory plan: one training step and one sampling phase of a run, simulated on the CPU without weights or GPUs.
+
+    python train.py --model llama-3.1-8b --plan --nproc 8 --gpu-memory 80
+
+How: the model is built from its config.json alone under FakeTensorMode (tensors with shapes, dtypes and devices
+but no data, so an 8B model costs nothing), and train.py's own code runs on it as rank 0 of N on PyTorch's fake
+process group (backend "fake": every collective is a no-op that returns a tensor of the right shape). The same
+functions as a real run are called: build/wrap (FSDP2 per block + root, or a replica), the scoring forward and
+backward micro-batch by micro-batch (latro.backward_micro_batch -> span_logprobs -> token_logprobs ->
+FusedLogProbs), AdamW, refresh_sampler, and sampling (model.prefill / model.decode_step, the KV cache at its full
+length) and the no-grad scoring with the sampler and the reference. torch.distributed._tools' FSDPMemTracker
+(sharded) or MemTracker (replicated) records every allocation by category; the frozen reference and the bf16
+sampling copy, which no tracker owns, are counted exactly from their tensors.
+
+Fake tensors live on the CPU here. In torch 2.13 FakeTensorMode can fake "cuda" tensors even in a CPU-only build,
+and a cuda DeviceMesh builds on the fake process group, but FSDP2's forward on it fails ("PyTorch is not linked with
+support for cuda devices": it creates CUDA streams and events). A GPU run allocates the same tensors on cuda (the
+code paths are device-agnostic), so the bytes are the same; a replica's bf16 autocast is simulated with CPU
+autocast, whose casts of matmuls and attention are the same as CUDA's. What a CPU simulation cannot see is the CUDA
+context, NCCL buffers and the caching allocator's fragmentation, hence the headroom: a plan "fits" when its peak is
+at most FIT_FRACTION of the card.
+Data-dependent Python (.item(), .tolist(), boolean indexing) has no value on fake tensors, so the simulated path
+uses the sync-free variants of the same functions: every scored row is full length (the memory worst case: every
+rationale runs to L tokens) and scored densely (token_logprobs(dense=True)); sampling runs prefill and one decode
+step at the longest cache length instead of generate()'s loop, whose per-step memory is the same.
+Not simulated: DDP's reducer (it cannot run on fake tensors). A replicated run is simulated as its single-process
+model; with gradient_as_bucket_view=True the gradients are views into DDP's buckets, so this adds no copy.
+AdamW's step is run (it creates the optimizer state) but its transient temporaries are not charged: the tracker
+over-counts them on fake DTensors; the foreach implementation's one temporary (sqrt of the second moments, the size
+of the fp32 shard) is added instead.
+
+Precedent: torchtitan's estimate_memory (FSDPMemTracker on a fake-PG training step). This plan adds the sampling
+phase, the frozen reference and the sampling copy, which an RL step holds besides the training state.
+"""
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+GiB = 2 ** 30
+FIT_FRACTION = 0.875  # 70 GiB of an 80 GiB card: room for the CUDA context, NCCL buffers and fragmentation
+PROMPT_TOKENS = 250   # a long GSM8K chat prompt; with L = 500 and the answer, T = 760 tokens per scored row
+ANSWER_TOKENS = 10
+
+# The paper's models (and the CPU-sized default) as config.json dicts, so the plan works offline and for gated
+# models. Only shapes matter to memory: Phi-3.5's longrope factors are placeholders of the right length.
+CONFIGS = {
+    "llama-3.1-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
+        rope_theta=500000.0, tie_word_embeddings=False, eos_token_id=[128001, 128008, 128009],
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)),
+    "mistral-7b": dict(
+        model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=32768,
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False, eos_token_id=2),
+    "phi-3.5-mini": dict(
+        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, rope_theta=10000.0, sliding_window=262144,
+        tie_word_embeddings=False, eos_token_id=[32000, 32001, 32007],
+        rope_scaling=dict(type="longrope", short_factor=[1.0] * 48, long_factor=[1.0] * 48)),
+    "smollm2-135m": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        rope_theta=100000.0, tie_word_embeddings=True, eos_token_id=2),
+}
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads")
+
+
+def same_architecture(a, b):
+    """Two config.json dicts describe the same network shape (how a local copy or a hub id is recognised)."""
+    return all(a.get(k) == b.get(k) for k in SHAPE_KEYS)
+
+
+def model_config(name_or_path):
+    """-> (config.json dict, the alias it matches or None). Aliases, their hub ids and local directories are read
+    without the network; any other hub id fetches config.json only."""
+    import json
+    import os
+    from model import ALIASES
+    if name_or_path in CONFIGS:
+        return dict(CONFIGS[name_or_path]), name_or_path
+    by_repo = {repo: alias for alias, repo in ALIASES.items() if alias in CONFIGS}
+    if name_or_path in by_repo:
+        return dict(CONFIGS[by_repo[name_or_path]]), by_repo[name_or_path]
+    path = os.path.join(name_or_path, "config.json")
+    if not os.path.isfile(path):
+        if os.path.isdir(name_or_path) or name_or_path.count("/") != 1:
+            raise FileNotFoundError(f"{path}: missing (--plan needs a config.json, an alias "
+                                    f"({', '.join(CONFIGS)}) or a hub id)")
+        from huggingface_hub import hf_hub_download
+        try:
+            path = hf_hub_download(name_or_path, "config.json", token=os.environ.get("HF_TOKEN"))
+        except Exception as e:  # no network, unknown or gated repo: one line, not a traceback
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"model {name_or_path!r}: could not fetch its config.json for the plan ({reason})") \
+                from None
+    with open(path) as f:
+        cfg = json.load(f)
+    return cfg, next((a for a, c in CONFIGS.items() if same_architecture(cfg, c)), None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Counting
+
+def tensor_bytes(*objs):
+    """Bytes held by the tensors of modules / tensors / optimizers (each storage once; a DTensor's local shard)."""
+    seen, total = set(), 0
+    for t in _tensors(objs):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        st = t.untyped_storage()
+        key = (id(st), st.data_ptr() if not _is_fake(t) else id(st))
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total
+
+
+def _tensors(objs):
+    for o in objs:
+        if isinstance(o, torch.nn.Module):
+            yield from o.parameters()
+            yield from (b for b in o.buffers() if b is not None)
+        elif isinstance(o, torch.optim.Optimizer):
+            for state in o.state.values():
+                yield from (t for t in state.values() if torch.is_tensor(t))
+        elif torch.is_tensor(o):
+            yield o
+
+
+def _is_fake(t):
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
+def kv_cache_bytes(caches):
+    return sum(t.numel() * t.element_size() for t in caches.k + caches.v)
+
+
+# Tracker categories (FSDPMemTracker's, then MemTracker's) -> the plan's rows
+ROWS = ("params", "params gathered", "grads", "optimizer state", "reference", "sampler copy", "activations",
+        "KV cache", "temporaries")
+_CATEGORY = {"Sharded Param": "params", "Parameter": "params", "Unsharded Param": "params gathered",
+             "All Gather": "params gathered", "Sharded Grad": "grads", "Unsharded Grad": "grads",
+             "Reduce Scatter": "grads", "Gradient": "grads", "OptState": "optimizer state",
+             "Optstate": "optimizer state", "Activation": "activations", "Temp": "temporaries",
+             "Buffer": "temporaries", "Inputs": "temporaries", "Other": "temporaries"}
+
+
+def peak_rows(tracker):
+    """The tracker's peak snapshot, summed over devices, in the plan's rows (bytes)."""
+    rows = dict.fromkeys(ROWS, 0)
+    for snap in tracker.get_tracker_snapshot("peak").values():
+        for name, nbytes in snap.items():
+            if name in _CATEGORY:
+                rows[_CATEGORY[name]] += nbytes
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The simulation
+
+def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step, max_rationale_tokens,
+             micro_batch_size, checkpointing, temperature=1.0, prompt_tokens=PROMPT_TOKENS,
+             answer_tokens=ANSWER_TOKENS, fake=True):
+    """Peak bytes per rank by category for the training, sampling and scoring phases of one step.
+
+    cfg: a config.json dict. fake=True: fake tensors on the fake process group (world ranks, this is rank 0).
+    fake=False: real tensors on the current process group (a real run of the same steps, e.g. 2 gloo ranks, to
+    check the simulation against). -> {"train": rows, "sample": rows, "score": rows (each {row: bytes}),
+    "step": the optimizer step's peak in bytes, "seconds": wall time}"""
+    import latro
+    import train
+    from model import ModelArgs
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t0 = time.time()
+    owns_pg = fake and sharded and world > 1  # a replicated run is simulated as its single-process model
+    if owns_pg:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        # the mesh is built outside fake mode: its setup reads real values
+        mesh = train.device_mesh("cpu", world) if sharded else None
+        args = ModelArgs.from_hf_config(cfg)
+        mode = FakeTensorMode() if fake else nullcontext()
+        with mode:
+            torch.manual_seed(0)
+            policy = _build(args, cfg, torch.float32)                           # fp32 master weights
+            reference = _build(args, cfg, compute_dtype).requires_grad_(False)
+            sampler = policy
+            if compute_dtype != torch.float32 or sharded:
+                sampler = _build(args, cfg, compute_dtype).requires_grad_(False).eval()
+            policy.checkpoint_layers = checkpointing
+            policy = train.wrap_policy(policy, mesh, compute_dtype, world, torch.device("cpu"), ddp=False)
+            reference = train.wrap_reference(reference, mesh).eval()
+            optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, foreach=False)
+            cfg_l = latro.LatroConfig(num_samples=num_samples, max_rationale_tokens=max_rationale_tokens,
+                                      micro_batch_size=micro_batch_size, temperature=temperature)
+            # a replica computes in bf16 through autocast (train.py), FSDP2 through its mixed-precision policy
+            autocast = torch.autocast("cpu", dtype=compute_dtype) if not sharded and \
+                compute_dtype != torch.float32 else nullcontext()
+            with autocast:
+                train_rows = _train_phase(policy, optimizer, sharded, cfg_l, args, prompt_tokens, answer_tokens,
+                                          FSDPMemTracker if sharded else MemTracker)
+            frozen = {"reference": tensor_bytes(reference),
+                      "sampler copy": tensor_bytes(sampler) if sampler is not policy else 0}
+            train_rows.update(frozen)
+            # AdamW's step: params, their gradients (same size), the moments, the frozen models, and the foreach
+            # implementation's one transient, sqrt of the second moments (the size of the fp32 params again)
+            step_peak = 3 * tensor_bytes(policy) + tensor_bytes(optimizer) + train_rows["reference"] + \
+                train_rows["sampler copy"]
+            sample_rows, score_rows = _sample_phases(policy, optimizer, sampler, reference,
+                                                     questions_per_step // world, cfg_l, args, prompt_tokens,
+                                                     answer_tokens, MemTracker)
+            sample_rows.update(frozen)
+            score_rows.update(frozen)
+    finally:
+        if owns_pg:
+            dist.destroy_process_group()
+    return {"train": train_rows, "sample": sample_rows, "score": score_rows, "step": step_peak,
+            "seconds": time.time() - t0}
+
+
+def replica_lower_bound(cfg, compute_dtype):
+    """Bytes a replicated run holds before any activation: fp32 weights, gradients and AdamW's two moments (16 B per
+    parameter), plus the reference and the sampling copy in the compute dtype. A replica over the limit on this
+    alone needs no simulation."""
+    from model import ModelArgs
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        n = sum(p.numel() for p in _build(ModelArgs.from_hf_config(cfg), cfg, torch.float32).parameters())
+    low = compute_dtype.itemsize
+    return 16 * n + (2 * low * n if compute_dtype != torch.float32 else low * n)
+
+
+def _build(args, cfg, dtype):
+    """A Transformer created in `dtype` (fake tensors cannot be converted in place by .to())."""
+    from model import Transformer
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return Transformer(args, cfg)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _scoring_batch(args, rows, prompt_tokens, rationale_tokens, answer_tokens):
+    """A micro-batch of full-length rollout rows [x | z | y] and its spans."""
+    T = prompt_tokens + rationale_tokens + answer_tokens
+    tokens = torch.randint(0, args.vocab_size, (rows, T))
+    prompt_end = torch.full((rows,), prompt_tokens)
+    rationale_end = torch.full((rows,), prompt_tokens + rationale_tokens)
+    answer_end = torch.full((rows,), T)
+    return tokens, prompt_end, rationale_end, answer_end
+
+
+def _train_phase(policy, optimizer, sharded, cfg, args, prompt_tokens, answer_tokens, tracker_cls):
+    """Two micro-batches (the peak: the second one's activations on top of the first one's gradients, whatever
+    the sync rule), then AdamW's step, which creates the optimizer state."""
+    import latro
+    import train
+    tracker = tracker_cls(policy, optimizer) if sharded else tracker_cls()
+    if not sharded:
+        tracker.track_external(policy, optimizer)
+    policy.train()
+    with tracker:
+        for j in range(2):
+            train.set_grad_sync(policy, train.sync_this_micro_batch(policy, j == 1))
+            toks, p, r, a = _scoring_batch(args, cfg.micro_batch_size, prompt_tokens, cfg.max_rationale_tokens,
+                                           answer_tokens)
+            latro.backward_micro_batch(policy, toks, p, r, a, torch.zeros(toks.shape[0]), cfg, toks.shape[0],
+                                       dense=True)
+            tracker.reset_mod_stats()  # the trackers follow one call per module at a time; the peak is kept
+        rows = peak_rows(tracker)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    rows["optimizer state"] = tensor_bytes(optimizer)
+    return rows
+
+
+@torch.no_grad()
+def _sample_phases(policy, optimizer, sampler, reference, questions, cfg, args, prompt_tokens, answer_tokens,
+                   tracker_cls):
+    """-> (sampling rows, scoring rows). Sampling: refresh_sampler, the prefill of this rank's prompts and one
+    decode step at the full cache length. Scoring: one no-grad micro-batch through the sampler (log pi(z|x) and the
+    reward) and the reference. Training state that persists (fp32 params, optimizer state) is counted exactly;
+    gradients are freed by then (zero_grad(set_to_none=True))."""
+    import latro
+    import train
+    from model import decode_step, prefill, sample_next, token_logprobs
+    # MemTracker hooks the gradient of every parameter a module runs with, which torch refuses for frozen ones:
+    # mark them trainable for the simulation (under no_grad this changes nothing else)
+    for p in list(sampler.parameters()) + list(reference.parameters()):
+        p.requires_grad_(True)
+    frozen = tensor_bytes(sampler, reference)
+
+    def window():
+        tracker = tracker_cls()
+        tracker.track_external(sampler, reference)  # resident all along: the peak is where the transients peak
+        return tracker
+
+    def rows_of(tracker):
+        rows = peak_rows(tracker)
+        # the tracker files the parameters a module runs with under params: besides the resident sampler and
+        # reference (counted exactly by the caller) these are the reference's gathered blocks
+        rows["params gathered"] += max(0, rows["params"] - frozen)
+        rows["params"] = tensor_bytes(policy)
+        rows["optimizer state"] = tensor_bytes(optimizer)
+        return rows
+
+    with window() as tracker:
+        if sampler is not policy:
+            train.refresh_sampler(sampler, policy)
+        prompts = [[1] * prompt_tokens for _ in range(questions)]
+        caches, logits = prefill(sampler, prompts, cfg.num_samples, cfg.max_rationale_tokens)
+        tracker.reset_mod_stats()  # the trackers follow one call per module at a time; the peak is kept
+        tokens = sample_next(logits, cfg.temperature)
+        pos = torch.full(tokens.shape, prompt_tokens + cfg.max_rationale_tokens - 1)
+        logits = decode_step(sampler, tokens, pos, caches, prompt_tokens + cfg.max_rationale_tokens)
+        kv = kv_cache_bytes(caches)
+        caches.select(torch.arange(3 * tokens.shape[0] // 4))  # generate() drops finished rows a quarter at a time
+        sampling = rows_of(tracker)
+        # the cache is alive from the prefill on and the tracker files it under activations; it is part of the
+        # peak unless that was the sampler refresh (a small model's embedding gathered whole outweighs its cache)
+        if sampling["activations"] >= kv:
+            sampling["KV cache"] = kv
+            sampling["activations"] -= kv
+        del caches, logits, tokens
+    with window() as tracker:
+        toks, p, r, a = _scoring_batch(args, cfg.micro_batch_size, prompt_tokens, cfg.max_rationale_tokens,
+                                       answer_tokens)
+        latro.span_logprobs(sampler, toks, p, r, a, cfg.temperature, dense=True)
+        tracker.reset_mod_stats()
+        token_logprobs(reference, toks, p, r, cfg.temperature, dense=True)
+        scoring = rows_of(tracker)
+    return sampling, scoring
+
+
+def total(rows):
+    return sum(rows.values())
+
+
+PHASES = (("train", "training"), ("sample", "sampling"), ("score", "scoring"))
+
+
+def format_plan(result, title, gpu_memory_gib):
+    """The plan as a table (GiB per GPU) and a verdict line."""
+    lines = [title, f"  {'GiB per GPU (simulated)':<26}" + "".join(f"{name:>10}" for _, name in PHASES)]
+    for row in ROWS:
+        lines.append(f"  {row:<26}" + "".join(f"{result[k][row] / GiB:>10.2f}" for k, _ in PHASES))
+    lines.append(f"  {'peak':<26}" + "".join(f"{total(result[k]) / GiB:>10.2f}" for k, _ in PHASES) +
+                 f"   (optimizer step {result['step'] / GiB:.2f}; simulated in {result['seconds']:.1f}s)")
+    if gpu_memory_gib:
+        limit = FIT_FRACTION * gpu_memory_gib
+        peak = peak_bytes(result) / GiB
+        verdict = "fits" if peak <= limit else "does NOT fit"
+        lines.append(f"  {verdict}: peak {peak:.2f} GiB vs {limit:.1f} GiB usable of {gpu_memory_gib:g} GiB "
+                     f"({FIT_FRACTION:.0%}; the rest is for the CUDA context, NCCL and fragmentation)")
+    return "\n".join(lines)
+
+
+def peak_bytes(result):
+    return max(max(total(result[k]) for k, _ in PHASES), result["step"])
+
+
+def fits(result, gpu_memory_gib):
+    return peak_bytes(result) <= FIT_FRACTION * gpu_memory_gib * GiB
