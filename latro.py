@@ -211,9 +211,12 @@ def compute_advantages(policy, reference, ro, cfg, progress=None):
         logp_ref[sl] = token_logprobs(reference, toks, p, r, cfg.temperature).sum(1)  # log pi_ref(z|x)
         if progress is not None:
             progress("score", done=j + 1, total=len(batches), rows_finished=min(sl.stop, n), rows=n, tokens=0)
-    penalised = penalised_reward(reward, ro.stopped, cfg.penalty_factor) if cfg.nonstop_penalty else reward  # penalty
+    penalised = reward
+    if cfg.nonstop_penalty:                                      # non-stop penalty: R := gamma * mean(R) if not stopped
+        penalised = penalised_reward(reward, ro.stopped, cfg.penalty_factor)
     r = adjusted_reward(penalised, logp, logp_ref, cfg.beta)                          # r = R - beta * KL
-    return Terms(logp, reward, logp_ref, penalised, r, rloo_advantages(r, cfg.num_samples))  # A_k (RLOO)
+    advantages = rloo_advantages(r, cfg.num_samples)                                  # A_k = r_k - mean_{j!=k} r_j
+    return Terms(logp, reward, logp_ref, penalised, r, advantages)
 
 
 # --------------------------------------------------------------------------------------------------------------
