@@ -83,12 +83,12 @@ class Rollout:
 
 class Terms(NamedTuple):
     """The objective's per-row terms, (N,) fp32 each, in the order they are computed."""
-    logp: torch.Tensor             # log pi(z|x)
-    reward: torch.Tensor           # R = log pi(y|x,z)
-    logp_ref: torch.Tensor         # log pi_ref(z|x)
+    logp: torch.Tensor              # log pi(z|x)
+    reward: torch.Tensor            # R = log pi(y|x,z)
+    logp_ref: torch.Tensor          # log pi_ref(z|x)
     reward_penalised: torch.Tensor  # R after the non-stop penalty
-    adjusted_reward: torch.Tensor  # r = R - beta * KL
-    advantages: torch.Tensor       # A_k, RLOO
+    adjusted_reward: torch.Tensor   # r = R - beta * KL
+    advantages: torch.Tensor        # A_k, RLOO
 
 
 # --------------------------------------------------------------------------------------------------------------
