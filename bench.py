@@ -242,7 +242,8 @@ def bench_greedy(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. reward: mean self-reward on held-out questions (same code path as training: latro.rollout)
+# 4. reward: mean self-reward on held-out questions (same code path as training: latro.sample,
+# compute_advantages)
 
 def bench_reward(args):
     import latro
@@ -252,11 +253,12 @@ def bench_reward(args):
     rewards, stops, lengths = [], [], []
     for i in range(0, len(examples), 4):  # 4 questions per rollout keeps memory flat
         batch = examples[i:i + 4]
-        _, m = latro.rollout(policy, policy, tok, [data.chat_prompt(tok, e) for e in batch],
-                             [e.answer_text for e in batch], cfg, seeds=[args.seed + i + j for j in range(len(batch))])
-        rewards.append(m["reward"] * len(batch))
-        stops.append(m["stop_rate"] * len(batch))
-        lengths.append(m["rationale_len"] * len(batch))
+        ro = latro.sample(policy, tok, [data.chat_prompt(tok, e) for e in batch], [e.answer_text for e in batch], cfg,
+                          seeds=[args.seed + i + j for j in range(len(batch))])
+        terms = latro.compute_advantages(policy, policy, ro, cfg)
+        rewards.append(terms.reward.mean().item() * len(batch))
+        stops.append(ro.stopped.float().mean().item() * len(batch))
+        lengths.append((ro.rationale_end - ro.prompt_end).float().mean().item() * len(batch))
     n = len(examples)
     result = {"questions": n, "samples": args.reward_samples, "max_rationale_tokens": args.reward_tokens,
               "mean_reward": sum(rewards) / n, "stop_rate": sum(stops) / n, "rationale_len": sum(lengths) / n}

@@ -40,13 +40,13 @@ Simplifications and choices versus the paper and its official code (SalesforceAI
     log pi(y|x+z) is the model's likelihood at temperature 1. Both are 1 by default, as in the paper.
   * One optimiser step per sampled batch, fully on-policy: no PPO ratio or clipping, no advantage whitening.
 """
-import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from model import generate, token_logprobs
+from model import generate, pad_right, token_logprobs
 
 # The official code's stop list, minus its function-calling leftovers. Matching on decoded text makes its
 # " "/"\n"-prefixed variants redundant ("The answer is" already matches them), and " the answer is" covers
@@ -77,12 +77,22 @@ class Rollout:
     rationale_end: torch.Tensor  # (N,) y starts here
     answer_end: torch.Tensor     # (N,) row length
     stopped: torch.Tensor        # (N,) bool: the rationale ended at a stop string or end-of-turn
-    advantages: torch.Tensor     # (N,) fp32, RLOO
     rationales: list             # decoded z, for logging and answer checks
+    sampled_tokens: int          # tokens generated before cutting (the sampler's work)
+
+
+class Terms(NamedTuple):
+    """The objective's per-row terms, (N,) fp32 each, in the order they are computed."""
+    logp: torch.Tensor              # log pi(z|x)
+    reward: torch.Tensor            # R = log pi(y|x,z)
+    logp_ref: torch.Tensor          # log pi_ref(z|x)
+    reward_penalised: torch.Tensor  # R after the non-stop penalty
+    adjusted_reward: torch.Tensor   # r = R - beta * KL
+    advantages: torch.Tensor        # A_k, RLOO
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Step 2: cutting a sampled continuation into the rationale z
+# Steps 1-2: sample K continuations per question, cut each into its rationale z, pack the rows [x | z | y]
 
 def cut_rationale(tokens, tokenizer, stop_strings, eos_ids):
     """tokens: a sampled continuation -> (z tokens, stopped). z ends before the first end-of-turn id or before the
@@ -103,6 +113,62 @@ def cut_rationale(tokens, tokenizer, stop_strings, eos_ids):
         else:
             hi = mid - 1
     return list(z[:lo]), True
+
+
+@torch.no_grad()
+def sample(policy, tokenizer, prompts, answers, cfg, seeds=None, progress=None):
+    """Samples K rationales per question and packs them with their answers into a Rollout.
+
+    prompts: list of token lists (chat-templated questions x); answers: the answer-template texts
+    ("The answer is 18."). seeds: one per question (sampling then depends only on the question's own seed).
+    progress: optional callable("sample", **counts) after each decoding step (see model.generate)."""
+    K, device, eos = cfg.num_samples, policy_device(policy), set(tokenizer.eos_ids)
+    samples = generate(policy, prompts, cfg.max_rationale_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+                       stop=sorted(eos) + list(cfg.stop_strings), num_samples=K, seed=seeds, tokenizer=tokenizer,
+                       progress=progress and (lambda **c: progress("sample", **c)))
+    # y = the answer template + end-of-turn, tokenised on its own and appended after the cut rationale
+    answer_ids = [tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eot_id] for a in answers]
+    rows, spans, stopped, texts = [], [], [], []
+    for i, continuation in enumerate(samples):
+        z, s = cut_rationale(continuation, tokenizer, cfg.stop_strings, eos)
+        x, y = prompts[i // K], answer_ids[i // K]
+        rows.append(x + z + y)
+        spans.append((len(x), len(x) + len(z), len(x) + len(z) + len(y)))
+        stopped.append(s)
+        texts.append(tokenizer.decode(z))
+    prompt_end, rationale_end, answer_end = torch.tensor(spans, device=device).unbind(1)
+    return Rollout(pad_right(rows, device), prompt_end, rationale_end, answer_end, torch.tensor(stopped, device=device),
+                   texts, sum(len(s) for s in samples))
+
+
+def policy_device(model):
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 3: scoring spans with the one fused scoring function
+
+def span_logprobs(model, tokens, prompt_end, rationale_end, answer_end, temperature, dense=False):
+    """-> (log pi(z|x), log pi(y|x,z)), each (n,) fp32 sums. One forward when temperature == 1: the same pass over
+    [x | z | y] scores both spans. z is scored at the sampling temperature, y at the model's own (1).
+    dense: see token_logprobs (the memory plan's no-data path)."""
+    lp = token_logprobs(model, tokens, prompt_end, answer_end, temperature, dense)      # (n, T)
+    t = torch.arange(tokens.shape[1], device=tokens.device)
+    in_z = t < rationale_end[:, None]
+    logp = (lp * in_z).sum(1)
+    if temperature == 1.0:
+        logp_answer = (lp * ~in_z).sum(1)
+    else:
+        logp_answer = token_logprobs(model, tokens, rationale_end, answer_end, 1.0, dense).sum(1)
+    return logp, logp_answer
+
+
+def micro_batches(rollout, size):
+    """Slices of rows, each trimmed to its longest row (right padding past that is never read)."""
+    for i in range(0, rollout.tokens.shape[0], size):
+        end = rollout.answer_end[i:i + size]
+        yield (rollout.tokens[i:i + size, :int(end.max())], rollout.prompt_end[i:i + size],
+               rollout.rationale_end[i:i + size], end, slice(i, i + size))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -133,6 +199,29 @@ def rloo_advantages(r, k):
     return ((d - d.mean(1, keepdim=True)) * (k / (k - 1))).view(-1)
 
 
+@torch.no_grad()
+def compute_advantages(policy, reference, ro, cfg, progress=None):
+    """Steps 3-5 for a sampled Rollout, with no gradient: every term of the objective up to the RLOO advantage.
+    progress: optional callable("score", **counts) after each micro-batch. -> Terms."""
+    n = ro.tokens.shape[0]
+    logp, reward, logp_ref = (torch.zeros(n, device=ro.tokens.device) for _ in range(3))
+    batches = list(micro_batches(ro, cfg.micro_batch_size))
+    for j, (toks, p, r, a, sl) in enumerate(batches):
+        logp[sl], reward[sl] = span_logprobs(policy, toks, p, r, a, cfg.temperature)  # log pi(z|x), R = log pi(y|x,z)
+        logp_ref[sl] = token_logprobs(reference, toks, p, r, cfg.temperature).sum(1)  # log pi_ref(z|x)
+        if progress is not None:
+            progress("score", done=j + 1, total=len(batches), rows_finished=min(sl.stop, n), rows=n, tokens=0)
+    penalised = reward
+    if cfg.nonstop_penalty:                                      # non-stop penalty: R := gamma * mean(R) if not stopped
+        penalised = penalised_reward(reward, ro.stopped, cfg.penalty_factor)
+    r = adjusted_reward(penalised, logp, logp_ref, cfg.beta)                          # r = R - beta * KL
+    advantages = rloo_advantages(r, cfg.num_samples)                                  # A_k = r_k - mean_{j!=k} r_j
+    return Terms(logp, reward, logp_ref, penalised, r, advantages)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 6: the loss, with gradients, micro-batch by micro-batch
+
 def latro_loss(logp, logp_answer, advantages, answer_weight, n):
     """The two terms of L, as sums over these rows divided by the batch's row count n (so micro-batches add up to
     the batch mean): -A * log pi(z|x) and alpha * -log pi(y|x,z)."""
@@ -141,120 +230,20 @@ def latro_loss(logp, logp_answer, advantages, answer_weight, n):
     return pg + answer_weight * answer, pg.detach(), answer.detach()
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Step 3: scoring spans with the one fused scoring function
-
-def span_logprobs(model, tokens, prompt_end, rationale_end, answer_end, temperature, dense=False):
-    """-> (log pi(z|x), log pi(y|x,z)), each (n,) fp32 sums. One forward when temperature == 1: the same pass over
-    [x | z | y] scores both spans. z is scored at the sampling temperature, y at the model's own (1).
-    dense: see token_logprobs (the memory plan's no-data path)."""
-    lp = token_logprobs(model, tokens, prompt_end, answer_end, temperature, dense)      # (n, T)
-    t = torch.arange(tokens.shape[1], device=tokens.device)
-    in_z = t < rationale_end[:, None]
-    logp = (lp * in_z).sum(1)
-    if temperature == 1.0:
-        logp_answer = (lp * ~in_z).sum(1)
-    else:
-        logp_answer = token_logprobs(model, tokens, rationale_end, answer_end, 1.0, dense).sum(1)
-    return logp, logp_answer
-
-
-def micro_batches(rollout, size):
-    """Slices of rows, each trimmed to its longest row (right padding past that is never read)."""
-    for i in range(0, rollout.tokens.shape[0], size):
-        end = rollout.answer_end[i:i + size]
-        yield (rollout.tokens[i:i + size, :int(end.max())], rollout.prompt_end[i:i + size],
-               rollout.rationale_end[i:i + size], end, slice(i, i + size))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Steps 1-5: sample, cut, score, penalise, advantage
-
-@torch.no_grad()
-def rollout(policy, reference, tokenizer, prompts, answers, cfg, seeds=None, sampler=None, progress=None):
-    """Samples K rationales per question and computes everything the loss needs that carries no gradient.
-
-    prompts: list of token lists (chat-templated questions x); answers: the answer-template texts
-    ("The answer is 18."). seeds: one per question (sampling then depends only on the question's own seed).
-    sampler: the module to sample with (e.g. a bf16 copy of an FSDP policy); defaults to `policy`.
-    progress: optional callable(phase, **counts), "sample" after each decoding step (see model.generate) and
-    "score" after each micro-batch. Returns (Rollout, metrics dict)."""
-    K, device = cfg.num_samples, policy_device(policy)
-    eos = set(tokenizer.eos_ids)
-    t0 = time.time()
-    samples = generate(sampler or policy, prompts, cfg.max_rationale_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
-                       stop=sorted(eos) + list(cfg.stop_strings), num_samples=K, seed=seeds, tokenizer=tokenizer,
-                       progress=progress and (lambda **c: progress("sample", **c)))
-    # y = the answer template + end-of-turn, tokenised on its own and appended after the cut rationale
-    answer_ids = [tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eot_id] for a in answers]
-    rows, spans, stopped, texts = [], [], [], []
-    for i, sample in enumerate(samples):
-        z, s = cut_rationale(sample, tokenizer, cfg.stop_strings, eos)
-        x, y = prompts[i // K], answer_ids[i // K]
-        rows.append(x + z + y)
-        spans.append((len(x), len(x) + len(z), len(x) + len(z) + len(y)))
-        stopped.append(s)
-        texts.append(tokenizer.decode(z))
-    T = max(len(r) for r in rows)
-    tokens = torch.zeros(len(rows), T, dtype=torch.long, device=device)   # pad value is never read: spans mask
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.tensor(r, device=device)
-    prompt_end, rationale_end, answer_end = torch.tensor(spans, device=device).unbind(1)
-    stopped = torch.tensor(stopped, device=device)
-    ro = Rollout(tokens, prompt_end, rationale_end, answer_end, stopped, None, texts)
-
-    t1 = time.time()
-    logp, reward, logp_ref = (torch.zeros(len(rows), device=device) for _ in range(3))
-    batches = list(micro_batches(ro, cfg.micro_batch_size))
-    for j, (toks, p, r, a, sl) in enumerate(batches):
-        logp[sl], reward[sl] = span_logprobs(policy, toks, p, r, a, cfg.temperature)    # log pi(z|x), R = log pi(y|x,z)
-        logp_ref[sl] = token_logprobs(reference, toks, p, r, cfg.temperature).sum(1)    # log pi_ref(z|x)
-        if progress is not None:
-            progress("score", done=j + 1, total=len(batches), rows_finished=min(sl.stop, len(rows)), rows=len(rows),
-                     tokens=0)
-    penalised = penalised_reward(reward, stopped, cfg.penalty_factor) if cfg.nonstop_penalty else reward
-    r = adjusted_reward(penalised, logp, logp_ref, cfg.beta)                            # r = R - beta * KL
-    ro.advantages = rloo_advantages(r, K)                                               # A_k (RLOO)
-    lengths = (rationale_end - prompt_end).float()
-    metrics = {
-        "reward": reward.mean().item(),                  # mean log pi(y|x,z), before the penalty
-        "reward_penalised": penalised.mean().item(),
-        "kl": (logp - logp_ref).mean().item(),           # sequence-level k1 estimate of KL[pi || pi_ref]
-        "adjusted_reward": r.mean().item(),
-        "advantage_std": ro.advantages.std().item(),
-        "rationale_len": lengths.mean().item(),
-        "stop_rate": stopped.float().mean().item(),
-        "answer_tokens": sum(len(a) for a in answer_ids) / len(answer_ids),
-        "sampled_tokens": sum(len(s) for s in samples),
-        "time_sample": t1 - t0,
-        "time_score": time.time() - t1,
-    }
-    return ro, metrics
-
-
-def policy_device(model):
-    return next(model.parameters()).device
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Step 6: the loss, with gradients, micro-batch by micro-batch
-
-def backward_on_rollout(policy, ro, cfg, n_total=None, before_forward=None, progress=None):
-    """Recomputes log pi(z|x) and log pi(y|x,z) with gradients and backpropagates L micro-batch by micro-batch.
-    n_total: the row count the loss is averaged over (default: this rollout's rows). before_forward(is_last) is
-    called before each micro-batch's forward (the trainer turns DDP's gradient all-reduce off until the last
-    micro-batch there: DDP reads its flag in forward). progress: optional callable("train", **counts) after
-    each micro-batch. Returns metrics."""
-    n = n_total or ro.tokens.shape[0]
+def backward_on_rollout(policy, ro, advantages, cfg, before_forward=None, progress=None):
+    """Recomputes log pi(z|x) and log pi(y|x,z) with gradients and backpropagates L, averaged over the rollout's
+    rows, micro-batch by micro-batch. before_forward(is_last) is called before each micro-batch's forward (the
+    trainer turns DDP's gradient all-reduce off until the last micro-batch there: DDP reads its flag in forward).
+    progress: optional callable("train", **counts) after each micro-batch. Returns metrics."""
+    n = ro.tokens.shape[0]
     sums = torch.zeros(3, device=ro.tokens.device, dtype=torch.float64)  # loss, pg, answer: one host sync at the end
     batches = list(micro_batches(ro, cfg.micro_batch_size))
     for j, (toks, p, r, a, sl) in enumerate(batches):
         if before_forward is not None:
             before_forward(j == len(batches) - 1)
-        sums += torch.stack(backward_micro_batch(policy, toks, p, r, a, ro.advantages[sl], cfg, n))
+        sums += torch.stack(backward_micro_batch(policy, toks, p, r, a, advantages[sl], cfg, n))
         if progress is not None:
-            progress("train", done=j + 1, total=len(batches), rows_finished=min(sl.stop, len(ro.tokens)),
-                     rows=len(ro.tokens), tokens=0)
+            progress("train", done=j + 1, total=len(batches), rows_finished=min(sl.stop, n), rows=n, tokens=0)
     loss, pg, answer = sums.tolist()
     return {"loss": loss, "loss_pg": pg, "loss_answer": answer}
 

@@ -412,6 +412,15 @@ def token_logprobs(model, tokens, starts, ends, temperature=1.0, dense=False):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Sampling with a KV cache
 
+def pad_right(rows, device):
+    """Token lists -> a (len(rows), longest) long tensor, right-padded with 0. The padding is never read: spans or
+    positions mask it."""
+    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, device=device)
+    return out
+
+
 class KVCache:
     """Preallocated keys/values (B, Hkv, S, D) per layer; each row writes at its own positions."""
 
@@ -480,9 +489,7 @@ def prefill(model, prompts, num_samples, max_new_tokens):
     max_prompt = max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     caches = KVCache(model.args, P * K, max_prompt + max_new_tokens, device, model.embed_tokens.weight.dtype)
-    padded = torch.zeros(P, max_prompt, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        padded[i, :len(p)] = torch.tensor(p, device=device)
+    padded = pad_right(prompts, device)
     per_prompt = KVCache(model.args, P, max_prompt, device, caches.k[0].dtype)
     positions = torch.arange(max_prompt, device=device).expand(P, max_prompt)
     h = model.hidden_states(padded, positions, per_prompt)                                   # (P, T, dim)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import data
 import eval as evaluation
 import latro
-from model import ALIASES, build_on_meta, load, read_state, save, token_logprobs
+from model import ALIASES, build_on_meta, load, read_state, pad_right, save, token_logprobs
 
 # The paper's recipe (§5.1 and the official training.sh): lr 5e-7, K = 16, L = 500, T = 1, AdamW without warm-up,
 # linear decay, 24 questions (384 rollouts) per step; 6 "epochs" of GSM8K rollouts = 117 steps, 12 of ARC = 35.
@@ -601,9 +601,7 @@ def sft_backward(policy, tokenizer, examples, prompts, micro_batch, n_tokens_tot
     loss_sum, batches = 0.0, range(0, len(rows), micro_batch)
     for j, i in enumerate(batches):
         chunk, sp = rows[i:i + micro_batch], spans[i:i + micro_batch]
-        tokens = torch.zeros(len(chunk), max(len(r) for r in chunk), dtype=torch.long, device=device)
-        for b, r in enumerate(chunk):
-            tokens[b, :len(r)] = torch.tensor(r, device=device)
+        tokens = pad_right(chunk, device)
         starts, ends = torch.tensor(sp, device=device).unbind(1)
         before_forward(j == len(batches) - 1)
         loss = -token_logprobs(policy, tokens, starts, ends).sum() / n_tokens_total
@@ -853,10 +851,27 @@ def truncate_metrics(path, last_step):
         write_metrics(path, read_metrics(path, last_step))
 
 
+def rollout_metrics(ro, terms, **times):
+    """What metrics.jsonl logs of one rollout (latro.Rollout) and its terms (latro.Terms): means over this rank's
+    rows."""
+    return {
+        "reward": terms.reward.mean().item(),                 # mean log pi(y|x,z), before the penalty
+        "reward_penalised": terms.reward_penalised.mean().item(),
+        "kl": (terms.logp - terms.logp_ref).mean().item(),    # sequence-level k1 estimate of KL[pi || pi_ref]
+        "adjusted_reward": terms.adjusted_reward.mean().item(),
+        "advantage_std": terms.advantages.std().item(),
+        "rationale_len": (ro.rationale_end - ro.prompt_end).float().mean().item(),
+        "stop_rate": ro.stopped.float().mean().item(),
+        "answer_tokens": (ro.answer_end - ro.rationale_end).sum().item() / len(ro.rationales),
+        "sampled_tokens": ro.sampled_tokens,
+        **times,
+    }
+
+
 class StepProgress:
-    """Progress inside a step, fed by latro.rollout / backward_on_rollout: on a terminal one tqdm-style line
-    rewritten in place; into a file a plain line at most every `every` seconds (the first after `every` seconds, so
-    short steps add nothing to a log)."""
+    """Progress inside a step, fed by latro.sample, compute_advantages and backward_on_rollout: on a terminal one
+    tqdm-style line rewritten in place; into a file a plain line at most every `every` seconds (the first after
+    `every` seconds, so short steps add nothing to a log)."""
 
     UNITS = {"sample": "decoding steps", "score": "micro-batches", "train": "micro-batches"}
 
@@ -1041,15 +1056,19 @@ def run(args, device, rank, world, resume_state, status):
             and compute_dtype != torch.float32 else nullcontext()
         sync = lambda last: set_grad_sync(policy, sync_this_micro_batch(policy, last))
         if args.method == "latro":
-            ro, m = latro.rollout(sampler, reference, tokenizer, x, [e.answer_text for e in batch], cfg,
-                                  seeds=[question_seed(args.seed, step, i) for i in ids], progress=progress)
+            ro = latro.sample(sampler, tokenizer, x, [e.answer_text for e in batch], cfg,
+                              seeds=[question_seed(args.seed, step, i) for i in ids], progress=progress)
+            t_sampled = time.time()
+            terms = latro.compute_advantages(sampler, reference, ro, cfg, progress=progress)
+            m = rollout_metrics(ro, terms, time_sample=t_sampled - t0, time_score=time.time() - t_sampled)
             K = args.num_samples
             # accuracy of the answer each rationale itself states, extracted as eval.py does
             m["accuracy"] = sum(evaluation.is_correct(batch[i // K], evaluation.extract_answer(batch[i // K], text))
                                 for i, text in enumerate(ro.rationales)) / len(ro.rationales)
             t1 = time.time()
             with autocast:
-                m.update(latro.backward_on_rollout(policy, ro, cfg, before_forward=sync, progress=progress))
+                m.update(latro.backward_on_rollout(policy, ro, terms.advantages, cfg, before_forward=sync,
+                                                   progress=progress))
             sampled = m.pop("sampled_tokens")
             m["sample_tokens_per_s"] = sampled / max(m["time_sample"], 1e-9)
         else:

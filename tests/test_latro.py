@@ -114,7 +114,8 @@ def test_rollout_and_gradient_match_brute_force(tmp_path, style):
     answers = ["The answer is 7.", "The answer is 17."]
     cfg = LatroConfig(num_samples=3, beta=0.3, answer_weight=0.7, max_rationale_tokens=12, micro_batch_size=2,
                       temperature=1.0)
-    ro, metrics = latro.rollout(policy, reference, tok, prompts, answers, cfg, seeds=[11, 12])
+    ro = latro.sample(policy, tok, prompts, answers, cfg, seeds=[11, 12])
+    terms = latro.compute_advantages(policy, reference, ro, cfg)
 
     # Rebuild everything from the rows and their lengths with a full log_softmax.
     pol, ref = naive_logprobs(policy, ro.tokens).detach(), naive_logprobs(reference, ro.tokens)
@@ -126,10 +127,11 @@ def test_rollout_and_gradient_match_brute_force(tmp_path, style):
     r = R_pen - cfg.beta * (logp - logp_ref)
     g = r.view(2, 3)
     A = (g - (g.sum(1, keepdim=True) - g) / 2).view(-1)
-    assert metrics["reward"] == pytest.approx(R.mean().item(), abs=1e-4)
-    assert metrics["kl"] == pytest.approx((logp - logp_ref).mean().item(), abs=1e-4)
-    assert metrics["kl"] != 0.0
-    assert torch.allclose(ro.advantages, A, atol=1e-4)
+    assert terms.reward.mean().item() == pytest.approx(R.mean().item(), abs=1e-4)
+    kl = (terms.logp - terms.logp_ref).mean().item()
+    assert kl == pytest.approx((logp - logp_ref).mean().item(), abs=1e-4)
+    assert kl != 0.0
+    assert torch.allclose(terms.advantages, A, atol=1e-4)
 
     # The answer y is scored up to and including its end-of-turn token, even when that id is also the pad id.
     for b in range(ro.tokens.shape[0]):
@@ -140,7 +142,7 @@ def test_rollout_and_gradient_match_brute_force(tmp_path, style):
 
     # Gradient of L (micro-batched, fused scoring) == gradient of the brute-force loss.
     policy.train()
-    latro.backward_on_rollout(policy, ro, cfg)
+    latro.backward_on_rollout(policy, ro, terms.advantages, cfg)
     fused = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
     pol = naive_logprobs(policy, ro.tokens)
@@ -159,10 +161,11 @@ def test_one_step_changes_every_parameter_but_not_the_reference(tiny_llama_dir):
     ref_before = {n: p.clone() for n, p in reference.state_dict().items()}
     cfg = LatroConfig(num_samples=4, max_rationale_tokens=10)
     prompts = make_prompts(tok, ["What is 3 + 4?", "What is 2 + 2?"])
-    ro, _ = latro.rollout(policy, reference, tok, prompts, ["The answer is 7.", "The answer is 4."], cfg, seeds=[1, 2])
+    ro = latro.sample(policy, tok, prompts, ["The answer is 7.", "The answer is 4."], cfg, seeds=[1, 2])
+    terms = latro.compute_advantages(policy, reference, ro, cfg)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     policy.train()
-    latro.backward_on_rollout(policy, ro, cfg)
+    latro.backward_on_rollout(policy, ro, terms.advantages, cfg)
     opt.step()
     for n, p in policy.named_parameters():
         assert not torch.equal(p.detach(), before[n]), f"{n} did not change"
@@ -184,15 +187,17 @@ def test_training_raises_the_self_reward(tiny_llama_dir):
     cfg = LatroConfig(num_samples=4, max_rationale_tokens=8, beta=0.05)
 
     def mean_reward():
-        return latro.rollout(policy, reference, tok, prompts, answers, cfg, seeds=[100, 101])[1]["reward"]
+        ro = latro.sample(policy, tok, prompts, answers, cfg, seeds=[100, 101])
+        return latro.compute_advantages(policy, reference, ro, cfg).reward.mean().item()
 
     start = mean_reward()
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     for step in range(20):
         policy.eval()
-        ro, _ = latro.rollout(policy, reference, tok, prompts, answers, cfg, seeds=[step, 1000 + step])
+        ro = latro.sample(policy, tok, prompts, answers, cfg, seeds=[step, 1000 + step])
+        terms = latro.compute_advantages(policy, reference, ro, cfg)
         policy.train()
-        latro.backward_on_rollout(policy, ro, cfg)
+        latro.backward_on_rollout(policy, ro, terms.advantages, cfg)
         opt.step()
         opt.zero_grad()
     policy.eval()

@@ -2,7 +2,8 @@
 
 Every test checks model.py against something it does not share code with: `transformers`
 (the reference implementation the checkpoints come from), a brute-force computation, or a
-number worked out by hand. The checkpoints are tiny random models built by conftest.py.
+number worked out by hand. The checkpoints are tiny random models: the logits-parity tests build theirs
+from a `transformers` config in the test; the rest use conftest.py's, which come with trained tokenizers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import LLAMA31_ROPE, PHI3_LONGROPE, edit_config, make_tiny_model, tokenizer_ids
+from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+
+from conftest import LLAMA31_ROPE, PHI3_LONGROPE, TINY, edit_config, make_tiny_model, tokenizer_ids
 from model import ALIASES, generate, load, save, token_logprobs
 
 ATOL = 1e-4  # float32 logits parity with transformers
@@ -108,18 +111,16 @@ def one_line_error(excinfo, *names):
     assert any(n in msg for n in names), f"error message {msg!r} names none of {names}"
 
 
-def make_phi3(out_dir, **overrides):
-    kw = dict(
-        max_position_embeddings=256,
-        original_max_position_embeddings=32,
-        rope_parameters=dict(PHI3_LONGROPE),
-    )
-    kw.update(overrides)
-    return make_tiny_model(out_dir, arch="phi3", seed=3, **kw)
+def phi3_config(**overrides):
+    """Phi-3.5-mini in miniature: fused qkv / gate_up, longrope with an original context of 32 (max 256)."""
+    return Phi3Config(**{**TINY, "max_position_embeddings": 256, "original_max_position_embeddings": 32,
+                         "rope_parameters": dict(PHI3_LONGROPE), "sliding_window": None, **overrides})
 
 
-def make_qwen2(out_dir):
-    d = make_tiny_model(out_dir, arch="qwen2", seed=4, tie_word_embeddings=True, use_sliding_window=False, max_window_layers=1)
+def qwen2_checkpoint(checkpoint, name="m"):
+    """Qwen2.5 in miniature: q/k/v biases, tied embeddings."""
+    d = checkpoint(Qwen2Config(**{**TINY, "tie_word_embeddings": True}, use_sliding_window=False, max_window_layers=1),
+                   seed=4, name=name)
     # Real Qwen2.5 configs carry a sliding_window value that is switched off by use_sliding_window.
     edit_config(d, sliding_window=4096, layer_types=None)
     return d
@@ -153,15 +154,11 @@ def test_logits_llama3_rope_scaling_past_original_context(tiny_llama3_dir):
 
 
 @pytest.mark.parametrize("positions_shape", ["(T,)", "(B,T)"])
-def test_logits_positions_past_8192_with_llama31_scaling(tmp_path, positions_shape):
-    d = make_tiny_model(
-        tmp_path / "m",
-        tokenizer_style="llama3",
-        seed=2,
-        max_position_embeddings=131072,
-        rope_parameters={**LLAMA31_ROPE, "rope_theta": 500000.0},
-    )
-    tokens = random_tokens(tokenizer_ids(d)["vocab_size"], 2, 16, seed=2)
+def test_logits_positions_past_8192_with_llama31_scaling(checkpoint, positions_shape):
+    config = LlamaConfig(**{**TINY, "max_position_embeddings": 131072},
+                         rope_parameters={**LLAMA31_ROPE, "rope_theta": 500000.0})
+    d = checkpoint(config, seed=2)
+    tokens = random_tokens(config.vocab_size, 2, 16, seed=2)
     positions = torch.arange(9000, 9016)
     if positions_shape == "(B,T)":
         positions = positions.expand(2, 16).clone()
@@ -179,9 +176,10 @@ def test_logits_default_positions_equal_arange(tiny_llama_dir):
     assert max_diff(base, our_logits(model, tokens, torch.arange(12) * 3)) > 1e-2
 
 
-def test_logits_mistral(tmp_path):
-    d = make_tiny_model(tmp_path / "m", arch="mistral", seed=5, rms_norm_eps=1e-2, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    assert_parity(d, random_tokens(tokenizer_ids(d)["vocab_size"], 2, 30, seed=5))
+def test_logits_mistral(checkpoint):
+    config = MistralConfig(**TINY, sliding_window=None, rms_norm_eps=1e-2,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    assert_parity(checkpoint(config, seed=5), random_tokens(config.vocab_size, 2, 30, seed=5))
 
 
 def test_logits_phi3_longrope_long_and_short(tiny_phi3_dir):
@@ -198,12 +196,12 @@ def test_logits_phi3_longrope_long_and_short(tiny_phi3_dir):
     assert_parity(d, long_tokens[:, :33])
 
 
-def test_logits_qwen2_biases_tied(tmp_path):
-    d = make_qwen2(tmp_path / "m")
+def test_logits_qwen2_biases_tied(checkpoint):
+    d = qwen2_checkpoint(checkpoint)
     tensors = load_file(str(Path(d) / "model.safetensors"))
     assert tensors["model.layers.0.self_attn.q_proj.bias"].abs().max() > 0.05  # biases are non-zero
     assert "lm_head.weight" not in tensors
-    assert_parity(d, random_tokens(tokenizer_ids(d)["vocab_size"], 2, 30, seed=7))
+    assert_parity(d, random_tokens(TINY["vocab_size"], 2, 30, seed=7))
 
 
 def _to_classic_rope_keys(d, case):
@@ -223,19 +221,21 @@ def _to_classic_rope_keys(d, case):
 
 
 @pytest.mark.parametrize("case", ["default", "llama3", "longrope"])
-def test_classic_rope_keys_and_rope_parameters_both_load(tmp_path, case):
+def test_classic_rope_keys_and_rope_parameters_both_load(checkpoint, tmp_path, case):
     if case == "default":
-        d = make_tiny_model(tmp_path / "new", seed=8, rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
+        config = LlamaConfig(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
     elif case == "llama3":
-        d = make_tiny_model(tmp_path / "new", seed=8, rope_parameters={**LLAMA31_ROPE, "original_max_position_embeddings": 16, "rope_theta": 500000.0})
+        config = LlamaConfig(**TINY, rope_parameters={**LLAMA31_ROPE, "original_max_position_embeddings": 16,
+                                                      "rope_theta": 500000.0})
     else:
-        d = make_phi3(tmp_path / "new")
+        config = phi3_config()
+    d = checkpoint(config, seed=8, name="new")
     classic = copy_dir(d, tmp_path / "classic")
     _to_classic_rope_keys(classic, case)
     assert "rope_parameters" in json.loads((Path(d) / "config.json").read_text())
     assert "rope_parameters" not in json.loads((Path(classic) / "config.json").read_text())
 
-    tokens = random_tokens(tokenizer_ids(d)["vocab_size"], 2, 40, seed=8)
+    tokens = random_tokens(config.vocab_size, 2, 40, seed=8)
     ref = assert_parity(d, tokens)
     # transformers reads the hand-written classic config to the same model (checks the rewrite)
     assert max_diff(hf_logits(hf_model(classic), tokens), ref) <= 1e-6
@@ -245,28 +245,21 @@ def test_classic_rope_keys_and_rope_parameters_both_load(tmp_path, case):
 # Checkpoint features outside the core contract. Silently loading them wrong is the one
 # unacceptable outcome: model.py must either match transformers or refuse with a one-line error.
 MATCH_OR_REFUSE = {
-    "llama_explicit_head_dim": ("llama", {"head_dim": 32}),
-    "mistral_explicit_head_dim": ("mistral", {"head_dim": 8}),
-    "llama_attention_bias": ("llama", {"attention_bias": True}),
-    "llama_mlp_bias": ("llama", {"mlp_bias": True}),
-    "phi3_partial_rotary": ("phi3", {"partial_rotary_factor": 0.5}),
-    "phi3_sliding_window": ("phi3", {"sliding_window": 8}),
+    "llama_explicit_head_dim": lambda: LlamaConfig(**TINY, head_dim=32),
+    "mistral_explicit_head_dim": lambda: MistralConfig(**TINY, sliding_window=None, head_dim=8),
+    "llama_attention_bias": lambda: LlamaConfig(**TINY, attention_bias=True),
+    "llama_mlp_bias": lambda: LlamaConfig(**TINY, mlp_bias=True),
+    "phi3_partial_rotary": lambda: phi3_config(rope_parameters={  # 4 factors: rope covers half of head_dim 16
+        **PHI3_LONGROPE, "partial_rotary_factor": 0.5, "short_factor": PHI3_LONGROPE["short_factor"][:4],
+        "long_factor": PHI3_LONGROPE["long_factor"][:4]}),
+    "phi3_sliding_window": lambda: phi3_config(sliding_window=8),
 }
 
 
 @pytest.mark.parametrize("case", list(MATCH_OR_REFUSE))
-def test_unusual_config_matches_or_is_refused(tmp_path, case):
-    arch, overrides = MATCH_OR_REFUSE[case]
-    if arch == "phi3":
-        rp = dict(PHI3_LONGROPE)
-        if "partial_rotary_factor" in overrides:
-            rp["partial_rotary_factor"] = overrides.pop("partial_rotary_factor")
-            rp["short_factor"] = rp["short_factor"][:4]
-            rp["long_factor"] = rp["long_factor"][:4]
-        d = make_phi3(tmp_path / "m", rope_parameters=rp, **overrides)
-    else:
-        d = make_tiny_model(tmp_path / "m", arch=arch, seed=9, **overrides)
-    tokens = random_tokens(tokenizer_ids(d)["vocab_size"], 2, 24, seed=9)
+def test_unusual_config_matches_or_is_refused(checkpoint, case):
+    d = checkpoint(MATCH_OR_REFUSE[case](), seed=3 if case.startswith("phi3") else 9)
+    tokens = random_tokens(TINY["vocab_size"], 2, 24, seed=9)
     try:
         model, _ = load(d, dtype=torch.float32)
     except ERRORS as e:
@@ -629,7 +622,7 @@ def test_save_then_transformers_loads_same_model(tmp_path, request, arch):
     elif arch == "phi3":
         src = request.getfixturevalue("tiny_phi3_dir")
     else:
-        src = make_qwen2(tmp_path / "src")
+        src = qwen2_checkpoint(request.getfixturevalue("checkpoint"), name="src")
     model, tok = load(src, dtype=torch.float32)
     out = tmp_path / "saved"
     save(model, tok, str(out))
@@ -638,7 +631,8 @@ def test_save_then_transformers_loads_same_model(tmp_path, request, arch):
         assert (out / name).exists(), name
     assert _safetensors_keys(out) == _safetensors_keys(src)  # same HF names (phi3: fused qkv/gate_up)
 
-    tokens = random_tokens(tokenizer_ids(src)["vocab_size"], 2, 40, seed=12)  # phi3: past original 32
+    vocab = json.loads((Path(src) / "config.json").read_text())["vocab_size"]
+    tokens = random_tokens(vocab, 2, 40, seed=12)  # phi3: past original 32
     ref = hf_logits(hf_model(src), tokens)
     assert max_diff(hf_logits(hf_model(out), tokens), ref) <= ATOL
     reloaded, tok2 = load(str(out), dtype=torch.float32)
@@ -904,8 +898,8 @@ def test_error_unknown_rope_type(broken_dir):
         ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}),
     ],
 )
-def test_error_sliding_window_that_matters(tmp_path, arch, changes):
-    d = make_tiny_model(tmp_path / "m", arch=arch)
+def test_error_sliding_window_that_matters(checkpoint, arch, changes):
+    d = checkpoint({"mistral": MistralConfig(**TINY, sliding_window=None), "qwen2": Qwen2Config(**TINY)}[arch])
     edit_config(d, **changes)
     with pytest.raises(ERRORS) as e:
         load(d)
@@ -913,12 +907,12 @@ def test_error_sliding_window_that_matters(tmp_path, arch, changes):
 
 
 @pytest.mark.parametrize("arch,changes", [("mistral", {"sliding_window": 4096}), ("mistral", {"sliding_window": None})])
-def test_sliding_window_that_does_not_matter_loads(tmp_path, arch, changes):
-    d = make_tiny_model(tmp_path / "m", arch=arch, seed=14)
+def test_sliding_window_that_does_not_matter_loads(checkpoint, arch, changes):
+    d = checkpoint(MistralConfig(**TINY, sliding_window=None), seed=14)
     edit_config(d, **changes)
     if changes["sliding_window"] is not None:
         assert json.loads((Path(d) / "config.json").read_text())["sliding_window"] == 4096
-    assert_parity(d, random_tokens(tokenizer_ids(d)["vocab_size"], 1, 20, seed=14))
+    assert_parity(d, random_tokens(TINY["vocab_size"], 1, 20, seed=14))
 
 
 def _offline(monkeypatch, tmp_path):
