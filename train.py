@@ -1190,4 +1190,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # as in eval.py: gloo's threads can abort finalization
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
