@@ -165,6 +165,20 @@ def test_logits_positions_past_8192_with_llama31_scaling(checkpoint, positions_s
     assert_parity(d, tokens, positions=positions)
 
 
+def test_logits_linear_rope_scaling(checkpoint):
+    """Linear ("position interpolation") scaling divides every position by the factor: parity with transformers, and
+    visibly different logits from the unscaled model at the same positions."""
+    rope = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    config = LlamaConfig(**{**TINY, "max_position_embeddings": 16384}, rope_parameters=rope)
+    d = checkpoint(config, seed=3)
+    tokens = random_tokens(config.vocab_size, 2, 16, seed=3)
+    positions = torch.arange(9000, 9016)
+    scaled = assert_parity(d, tokens, positions=positions)
+    plain = checkpoint(LlamaConfig(**{**TINY, "max_position_embeddings": 16384},
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), seed=3, name="plain")
+    assert max_diff(our_logits(load(plain)[0], tokens, positions), scaled) > 1e-2
+
+
 def test_logits_default_positions_equal_arange(tiny_llama_dir):
     model, _ = load(tiny_llama_dir)
     tokens = random_tokens(tokenizer_ids(tiny_llama_dir)["vocab_size"], 2, 12)
