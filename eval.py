@@ -353,20 +353,28 @@ def summary_path(out: Path) -> Path:
     return out.with_name(out.name[: -len(".jsonl")] + ".summary.json")
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records of a results file. A last line cut off mid-write (no newline, not JSON) is ignored."""
-    records = []
+def read_jsonl_rows(path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each line of a .jsonl file that a run appends to (results here, train.py's
+    metrics). A last line cut off mid-write (no newline, not JSON) is dropped; a bad line elsewhere is an error."""
+    rows = []
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError:
             if number == len(lines):  # the torn last line of an interrupted run
                 break
-            raise ValueError(f"{path}:{number}: not valid JSON; expected one result record per line") from None
+            raise ValueError(f"{path}:{number}: not valid JSON; expected one {what} per line") from None
+    return rows
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of a results file."""
+    records = []
+    for number, record in read_jsonl_rows(path, "result record"):
         if not isinstance(record, dict) or "id" not in record:
             raise ValueError(f"{path}:{number}: expected a result record with an 'id'")
         records.append(record)

@@ -362,20 +362,6 @@ def first_error(message, world):
     return next((m for m in messages if m), None)
 
 
-def on_rank0(fn, rank, world):
-    """fn() on rank 0; a bad-input or file-system error there is raised on every rank."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except (ValueError, OSError) as e:
-            error = str(e)
-    error = first_error(error, world)
-    if error:
-        raise ValueError(error)
-    return result
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Distributed setup and models
 
@@ -820,23 +806,10 @@ def append_metrics(path, m):
 
 
 def read_metrics(path, last_step=None):
-    """The lines of metrics.jsonl (up to last_step). A torn last line (the run was killed mid-write) is dropped, as
-    eval.py does; a bad line elsewhere is an error naming it."""
-    with open(path) as f:
-        lines = f.read().split("\n")
-    keep = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number}: not valid JSON; expected one metrics record per line") from None
-        if last_step is None or row.get("step", 0) <= last_step:
-            keep.append(line + "\n")
-    return keep
+    """The lines of metrics.jsonl (up to last_step), read as eval.py reads its results: a torn last line (the run
+    was killed mid-write) is dropped, a bad line elsewhere is an error naming it."""
+    return [json.dumps(row) + "\n" for _, row in evaluation.read_jsonl_rows(path, "metrics record")
+            if last_step is None or row.get("step", 0) <= last_step]
 
 
 def write_metrics(path, lines):
@@ -943,7 +916,7 @@ def train(args):
     check_args(args, world)
     lock, status = None, {"step": resume_state["step"] if resume_state else 0}
     try:
-        lock = on_rank0(lambda: prepare_run_dir(args, status["step"]), rank, world)
+        lock = evaluation.on_rank0(rank, lambda: prepare_run_dir(args, status["step"]))
         run(args, device, rank, world, resume_state, status)
         if world > 1:
             # after run() has returned: gloo aborts at exit now and then (1 in ~10 on 2 CPU ranks) when FSDP
