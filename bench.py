@@ -93,9 +93,9 @@ def bench_sample(args, dtype_name):
     prompt = gsm8k_prompts(tok, 1, args.data)[0]
     K, N = args.samples, args.new_tokens
 
-    def run_ours():
+    def run_ours(compiled=False):
         # stop=[]: no row ends early, so every run decodes exactly K * N tokens
-        out = M.generate(ours, [prompt], N, temperature=1.0, num_samples=K, stop=[], seed=0)
+        out = M.generate(ours, [prompt], N, temperature=1.0, num_samples=K, stop=[], seed=0, compiled=compiled)
         return sum(len(r) for r in out)
 
     hf = load_hf(args.model, device, dtype)
@@ -110,7 +110,10 @@ def bench_sample(args, dtype_name):
         return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
     result = {"dtype": dtype_name, "prompt_tokens": len(prompt), "samples": K, "new_tokens": N}
-    for name, fn in (("ours", run_ours), ("transformers", run_hf)):
+    runs = (("ours", run_ours), ("transformers", run_hf))
+    if args.compile:  # the warm-up run compiles the decoding step; the timed runs reuse it
+        runs += (("ours_compiled", lambda: run_ours(compiled=True)),)
+    for name, fn in runs:
         _, n_tokens = timed(fn, device)  # warm-up: allocator, kernel selection, lazy init
         times = [timed(fn, device)[0] for _ in range(args.sample_runs)]
         assert n_tokens == K * N, f"{name} generated {n_tokens} tokens, expected {K * N}"
@@ -119,6 +122,10 @@ def bench_sample(args, dtype_name):
     print(f"sample {dtype_name}: ours {result['ours']['tok_s']:.1f} tok/s, transformers "
           f"{result['transformers']['tok_s']:.1f} tok/s, ratio {result['ratio']:.2f}x "
           f"(median of {args.sample_runs} after 1 warm-up)", flush=True)
+    if args.compile:
+        result["compiled_speedup"] = result["ours_compiled"]["tok_s"] / result["ours"]["tok_s"]
+        print(f"sample {dtype_name}: ours compiled {result['ours_compiled']['tok_s']:.1f} tok/s, "
+              f"{result['compiled_speedup']:.2f}x ours eager", flush=True)
     del ours, hf
     return result
 
@@ -382,6 +389,7 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes for the sample and score sections")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same for both sides")
     p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--compile", action="store_true", help="sample section: also time generate(compiled=True)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--sample-runs", type=int, default=3, help="timed runs after one warm-up (median reported)")
     p.add_argument("--score-batch", type=int, default=16)

@@ -39,6 +39,13 @@ Simplifications and choices versus the paper and its official code (SalesforceAI
   * The rationale is scored at the sampling temperature (the distribution it was drawn from); the reward
     log pi(y|x+z) is the model's likelihood at temperature 1. Both are 1 by default, as in the paper.
   * One optimiser step per sampled batch, fully on-policy: no PPO ratio or clipping, no advantage whitening.
+
+The ablation (reward="exact"): the verifiable-reward baseline that GRPO/RLOO users run, in the same loop with the
+same KL and RLOO advantages. R(z) = 1 if the answer the completion states equals the gold answer, else 0; a
+completion that never stops gets 0. Sampling then runs to end-of-turn (no stop strings: the stated answer is part
+of z), and the answer-likelihood weight is usually 0. LaTRO needs only the gold answer's likelihood; this baseline
+needs an answer checker. Comparing the two at one budget shows what the self-reward buys: a dense, graded signal
+(every rationale gets a log-likelihood, not a 0/1) that also moves when no sample is right yet.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -67,6 +74,12 @@ class LatroConfig:
     penalty_factor: float = 2.0        # gamma
     stop_strings: tuple = STOP_STRINGS
     micro_batch_size: int = 4          # sequences per scoring forward / backward
+    reward: str = "self"               # "self": R = log pi(y|x,z) (LaTRO); "exact": R = 1[stated answer == gold]
+    compiled: bool = False             # sample with the compiled fixed-shape decoding step (model.generate)
+
+    def __post_init__(self):
+        if self.reward not in ("self", "exact"):
+            raise ValueError(f"LatroConfig.reward: expected 'self' or 'exact', got {self.reward!r}")
 
 
 @dataclass
@@ -123,14 +136,15 @@ def sample(policy, tokenizer, prompts, answers, cfg, seeds=None, progress=None):
     ("The answer is 18."). seeds: one per question (sampling then depends only on the question's own seed).
     progress: optional callable("sample", **counts) after each decoding step (see model.generate)."""
     K, device, eos = cfg.num_samples, policy_device(policy), set(tokenizer.eos_ids)
+    stop_strings = cfg.stop_strings if cfg.reward == "self" else ()  # "exact" reads the answer z itself states
     samples = generate(policy, prompts, cfg.max_rationale_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
-                       stop=sorted(eos) + list(cfg.stop_strings), num_samples=K, seed=seeds, tokenizer=tokenizer,
-                       progress=progress and (lambda **c: progress("sample", **c)))
+                       stop=sorted(eos) + list(stop_strings), num_samples=K, seed=seeds, tokenizer=tokenizer,
+                       progress=progress and (lambda **c: progress("sample", **c)), compiled=cfg.compiled)
     # y = the answer template + end-of-turn, tokenised on its own and appended after the cut rationale
     answer_ids = [tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eot_id] for a in answers]
     rows, spans, stopped, texts = [], [], [], []
     for i, continuation in enumerate(samples):
-        z, s = cut_rationale(continuation, tokenizer, cfg.stop_strings, eos)
+        z, s = cut_rationale(continuation, tokenizer, stop_strings, eos)
         x, y = prompts[i // K], answer_ids[i // K]
         rows.append(x + z + y)
         spans.append((len(x), len(x) + len(z), len(x) + len(z) + len(y)))
@@ -200,9 +214,10 @@ def rloo_advantages(r, k):
 
 
 @torch.no_grad()
-def compute_advantages(policy, reference, ro, cfg, progress=None):
+def compute_advantages(policy, reference, ro, cfg, correct=None, progress=None):
     """Steps 3-5 for a sampled Rollout, with no gradient: every term of the objective up to the RLOO advantage.
-    progress: optional callable("score", **counts) after each micro-batch. -> Terms."""
+    correct: (N,) bool, whether each rationale states the gold answer (the caller's answer checker); only
+    reward="exact" reads it. progress: optional callable("score", **counts) after each micro-batch. -> Terms."""
     n = ro.tokens.shape[0]
     logp, reward, logp_ref = (torch.zeros(n, device=ro.tokens.device) for _ in range(3))
     batches = list(micro_batches(ro, cfg.micro_batch_size))
@@ -211,8 +226,10 @@ def compute_advantages(policy, reference, ro, cfg, progress=None):
         logp_ref[sl] = token_logprobs(reference, toks, p, r, cfg.temperature).sum(1)  # log pi_ref(z|x)
         if progress is not None:
             progress("score", done=j + 1, total=len(batches), rows_finished=min(sl.stop, n), rows=n, tokens=0)
+    if cfg.reward == "exact":                   # the ablation: R = 1[stated answer == gold], 0 if z never stopped
+        reward = (torch.as_tensor(correct, device=reward.device) & ro.stopped).float()
     penalised = reward
-    if cfg.nonstop_penalty:                                      # non-stop penalty: R := gamma * mean(R) if not stopped
+    if cfg.nonstop_penalty and cfg.reward == "self":         # non-stop penalty: R := gamma * mean(R) if not stopped
         penalised = penalised_reward(reward, ro.stopped, cfg.penalty_factor)
     r = adjusted_reward(penalised, logp, logp_ref, cfg.beta)                          # r = R - beta * KL
     advantages = rloo_advantages(r, cfg.num_samples)                                  # A_k = r_k - mean_{j!=k} r_j

@@ -17,6 +17,7 @@ Read top to bottom:
 RoPE convention: Hugging Face's "rotate_half" (the two halves of each head dimension form the pairs). HF
 checkpoints store q/k in exactly that layout, so no permutation is needed - and none is done.
 """
+import functools
 import glob
 import json
 import math
@@ -509,9 +510,23 @@ def decode_step(model, tokens, pos, caches, length):
     return F.linear(h[:, 0], model.output_weight()).float()                               # (B, V)
 
 
+def static_decode_step(model, tokens, pos, caches):
+    """decode_step over every row and the whole preallocated cache (masked by position): its shapes never change
+    during a generate() call, so torch.compile captures it once, and CUDA graphs can replay it."""
+    return decode_step(model, tokens, pos, caches, caches.k[0].shape[2])
+
+
+@functools.cache
+def compiled_decode_step(device_type):
+    """static_decode_step compiled: inductor on CPU; on GPU also CUDA graphs ("reduce-overhead"), which remove the
+    per-kernel launch cost that dominates a small-batch decoding step."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(static_decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop=None, num_samples=1,
-             seed=None, tokenizer=None, progress=None):
+             seed=None, tokenizer=None, progress=None, compiled=False):
     """Samples continuations for a batch of prompts of different lengths.
 
     prompts: list[list[int]]. Returns list[list[int]] of new tokens, len(prompts) * num_samples rows, the samples
@@ -519,7 +534,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     (strings need `tokenizer`; they may span token boundaries). A row ends with the token that completes its stop,
     or after max_new_tokens. Temperature 0 is greedy. seed: an int, or one int per prompt; a prompt's samples depend
     only on its seed, not on the rest of the batch. progress: called after every decoding step with keywords done,
-    total (decoding steps), rows_finished, rows and tokens (generated so far).
+    total (decoding steps), rows_finished, rows and tokens (generated so far). compiled: decode with
+    compiled_decode_step (fixed shapes: finished rows stay in the batch, masked, instead of leaving it); the same
+    tokens as the eager path, which stays the readable default.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -539,6 +556,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     B = P * K
     caches, logits = prefill(model, prompts, K, max_new_tokens)                           # logits (B, V)
+    if compiled and device.type == "cuda":
+        for t in caches.k + caches.v:  # written in place by the graph: CUDA graphs need them at fixed addresses
+            torch._dynamo.mark_static_address(t)
     pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(K)    # (B,) next positions
     prompt_len = [len(prompts[b // K]) for b in range(B)]
     out = [[] for _ in range(B)]
@@ -565,6 +585,10 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
             progress(done=step + 1, total=max_new_tokens, rows_finished=finished, rows=B, tokens=n_tokens)
         if not keep or step == max_new_tokens - 1:
             break
+        if compiled:  # fixed shapes: every row decodes every step; a finished row's tokens are ignored above
+            logits = compiled_decode_step(device.type)(model, tokens, pos, caches)
+            pos = pos + 1
+            continue
         if len(keep) <= 3 * len(rows) // 4:
             # Drop finished rows once a quarter of the batch has finished: later steps compute only live rows.
             # (Compacting copies the cache, so it is done in a few big steps rather than at every finish.)

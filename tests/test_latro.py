@@ -154,6 +154,29 @@ def test_rollout_and_gradient_match_brute_force(tmp_path, style):
         assert (fused[n] - p.grad).abs().max().item() <= 2e-5 * scale + 1e-6, n
 
 
+def test_exact_reward_advantages_hand_worked(tiny_llama_dir):
+    """reward="exact" (the verifiable-reward ablation): R = 1 when the stated answer is right and the rationale
+    stopped, else 0 (no non-stop penalty: with R in {0, 1}, gamma * mean(R) would pay rationales for not stopping),
+    then the same KL adjustment and RLOO as LaTRO."""
+    policy, tok = load(tiny_llama_dir)
+    reference = perturbed_copy(policy)
+    prompts = make_prompts(tok, ["What is 3 + 4?"])
+    cfg = LatroConfig(num_samples=4, max_rationale_tokens=6, reward="exact", beta=0.0)
+    ro = latro.sample(policy, tok, prompts, ["The answer is 7."], cfg, seeds=[3])
+    ro.stopped = torch.tensor([True, True, True, False])
+    correct = torch.tensor([True, False, True, True])  # row 3 is right but never stopped: R = 0
+    terms = latro.compute_advantages(policy, reference, ro, cfg, correct=correct)
+    assert torch.equal(terms.reward_penalised, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    # A_k = r_k - mean of the other three: 1 - 1/3, 0 - 2/3, 1 - 1/3, 0 - 2/3
+    assert torch.allclose(terms.advantages, torch.tensor([2 / 3, -2 / 3, 2 / 3, -2 / 3]))
+    # with beta = 0.5 the KL estimate enters as in LaTRO: r = R - 0.5 * (log pi(z|x) - log pi_ref(z|x))
+    cfg.beta = 0.5
+    terms = latro.compute_advantages(policy, reference, ro, cfg, correct=correct)
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0]) - 0.5 * (terms.logp - terms.logp_ref)
+    assert (terms.logp - terms.logp_ref).abs().min() > 0
+    assert torch.allclose(terms.advantages, r - (r.sum() - r) / 3, atol=1e-5)
+
+
 def test_one_step_changes_every_parameter_but_not_the_reference(tiny_llama_dir):
     policy, tok = load(tiny_llama_dir)
     reference = copy.deepcopy(policy).requires_grad_(False)

@@ -330,6 +330,22 @@ def test_greedy_generate_matches_transformers(request, fixture):
     assert got == expected
 
 
+def test_compiled_decode_gives_the_eager_tokens(tiny_llama3_dir):
+    """generate(compiled=True) keeps finished rows in a fixed-shape batch and runs torch.compile's decoding step;
+    it must emit exactly the eager path's tokens: greedy (against transformers, one prompt at a time) with rows
+    that stop early, and seeded sampling with several samples per prompt."""
+    model, tok = load(tiny_llama3_dir, dtype=torch.float32)
+    prompts = chat_prompts(tok)
+    hf = hf_model(tiny_llama3_dir)
+    ref = [brute_force_greedy(hf, p, 12) for p in prompts]
+    stop_id = ref[0][3]  # row 0 stops at step 3 and then rides along, masked, for 8 more steps
+    eager = generate(model, prompts, max_new_tokens=12, stop=[stop_id])
+    assert eager == [cut_at_first(r, {stop_id} | set(model.args.eos_token_ids)) for r in ref]
+    assert generate(model, prompts, max_new_tokens=12, stop=[stop_id], compiled=True) == eager
+    kw = dict(max_new_tokens=10, temperature=1.0, num_samples=3, seed=[5, 6, 7])
+    assert generate(model, prompts, compiled=True, **kw) == generate(model, prompts, **kw)
+
+
 def test_generate_stops_at_stop_id_inclusive(tiny_llama_dir):
     model, tok = load(tiny_llama_dir, dtype=torch.float32)
     prompts = chat_prompts(tok)
