@@ -86,12 +86,6 @@ def extract_number(text: str) -> str | None:
     return canonical_number(numbers[-1]) if numbers else None
 
 
-def same_number(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return False
-    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-6)
-
-
 def normalize(text: str) -> str:
     """Lower case, straight quotes, single spaces, no punctuation or markdown at either end."""
     text = text.lower().replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"')
@@ -160,25 +154,16 @@ def find_words(phrase: str, text: str):
     return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) if phrase else None
 
 
-def answer_spans(text: str) -> list[str]:
-    """Where the chosen option should be: after the last "answer is" or "Answer:" (to the end of that line, or the
-    next line if that is empty), then the last non-empty line."""
+def extract_choice(text: str, choices: list[tuple[str, str]]) -> str | None:
+    """The label of the ARC option the rationale settles on, or None. It should be after the last "answer is" or
+    "Answer:" (to the end of that line, or the next line if that is empty); failing that, on the last non-empty line."""
     spans = []
     marks = list(ANSWER_MARK.finditer(text))
     if marks:
         rest = text[marks[-1].end():].lstrip(" \t:*")
-        lines = [line for line in rest.split("\n") if line.strip(" \t:*")]
-        if lines:
-            spans.append(lines[0])
-    lines = [line for line in text.split("\n") if line.strip()]
-    if lines:
-        spans.append(lines[-1])
-    return spans
-
-
-def extract_choice(text: str, choices: list[tuple[str, str]]) -> str | None:
-    """The label of the ARC option the rationale settles on, or None."""
-    for span in answer_spans(text):
+        spans += [line for line in rest.split("\n") if line.strip(" \t:*")][:1]
+    spans += [line for line in text.split("\n") if line.strip()][-1:]
+    for span in spans:
         label = match_option(span, choices)
         if label is not None:
             return label
@@ -190,14 +175,13 @@ def extract_answer(example: data.Example, text: str) -> str | None:
     return extract_choice(text, example.choices) if example.task == "arc" else extract_number(text)
 
 
-def gold(example: data.Example) -> str:
-    return example.label if example.task == "arc" else canonical_number(example.answer)
-
-
 def is_correct(example: data.Example, answer: str | None) -> bool:
+    """GSM8K: the same number as the gold; ARC: the gold option's label."""
+    if answer is None:
+        return False
     if example.task == "arc":
-        return answer is not None and answer == example.label
-    return same_number(answer, example.answer)
+        return answer == example.label
+    return math.isclose(float(answer), float(example.answer), rel_tol=1e-6, abs_tol=1e-6)
 
 
 def official_correct(example: data.Example, text: str) -> bool:
@@ -256,39 +240,32 @@ def summarize(records: list[dict]) -> dict:
         metrics[f"maj@{k}"] = score(sum(r["maj_correct"] for r in records), n)
         metrics[f"pass@{k}"] = score(sum(r["pass_correct"] for r in records), n)
     headline = metrics["greedy"] if "greedy" in metrics else next(iter(metrics.values()), score(0, 0))
-    return {
-        "n": n,
-        "accuracy": headline["accuracy"],
-        "ci95": headline["ci95"],
-        "metrics": metrics,
-        "no_answer": sum(r.get("answer", "") is None for r in records),
-        "unfinished": sum(not r.get("finished", True) for r in records),  # greedy rationales cut at max_new_tokens
-        "generated_tokens": sum(r.get("tokens", 0) + sum(r.get("sample_tokens", [])) for r in records),
-    }
+    return {"n": n, "accuracy": headline["accuracy"], "ci95": headline["ci95"], "metrics": metrics,
+            "no_answer": sum(r.get("answer", "") is None for r in records),
+            "unfinished": sum(not r.get("finished", True) for r in records),  # greedy rationales cut at max_new_tokens
+            "generated_tokens": sum(r.get("tokens", 0) + sum(r.get("sample_tokens", [])) for r in records)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. Running the model
 
 
-def decode_rationale(tokenizer, ids: list[int], stop_ids: set[int]) -> tuple[str, bool]:
-    """The generated text without its end-of-turn token, and whether it ended on its own (not at the length cap)."""
-    finished = bool(ids) and ids[-1] in stop_ids
-    return tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True), finished
-
-
 def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, temperature, top_p, seed) -> list[dict]:
     """One batch of questions: a greedy rationale each and/or `samples` sampled ones; one record per question."""
     prompts = [data.chat_prompt(tokenizer, ex) for ex in examples]
     stop_ids = set(model.args.eos_token_ids)
-    records = [{"id": ex.id, "prompt": tokenizer.decode(p), "gold": gold(ex)} for ex, p in zip(examples, prompts)]
-    for ex, record in zip(examples, records):
-        if ex.task == "arc":
-            record["gold_text"] = ex.answer
+
+    def decode(ids):  # the text without its end-of-turn token, and whether it ended on its own (not at the cap)
+        finished = bool(ids) and ids[-1] in stop_ids
+        return tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True), finished
+
+    records = []
+    for ex, prompt in zip(examples, prompts):
+        gold = {"gold": ex.label, "gold_text": ex.answer} if ex.task == "arc" else {"gold": canonical_number(ex.answer)}
+        records.append({"id": ex.id, "prompt": tokenizer.decode(prompt)} | gold)
     if greedy:
-        outputs = generate(model, prompts, max_new_tokens, temperature=0.0)
-        for ex, record, ids in zip(examples, records, outputs):
-            text, finished = decode_rationale(tokenizer, ids, stop_ids)
+        for ex, record, ids in zip(examples, records, generate(model, prompts, max_new_tokens, temperature=0.0)):
+            text, finished = decode(ids)
             answer = extract_answer(ex, text)
             record |= {"rationale": text, "answer": answer, "correct": is_correct(ex, answer),
                        "official_correct": official_correct(ex, text), "tokens": len(ids), "finished": finished}
@@ -296,12 +273,13 @@ def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, 
         outputs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
                            num_samples=samples, seed=seed)
         for i, (ex, record) in enumerate(zip(examples, records)):
-            texts = [decode_rationale(tokenizer, ids, stop_ids)[0] for ids in outputs[i * samples:(i + 1) * samples]]
+            rows = outputs[i * samples:(i + 1) * samples]
+            texts = [decode(ids)[0] for ids in rows]
             answers = [extract_answer(ex, t) for t in texts]
             vote = majority(answers)
             record |= {"sample_rationales": texts, "sample_answers": answers,
                        "sample_correct": [is_correct(ex, a) for a in answers],
-                       "sample_tokens": [len(ids) for ids in outputs[i * samples:(i + 1) * samples]],
+                       "sample_tokens": [len(ids) for ids in rows],
                        "maj_answer": vote, "maj_correct": is_correct(ex, vote),
                        "pass_correct": any(is_correct(ex, a) for a in answers)}
     return records
@@ -312,11 +290,10 @@ def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samp
     """Evaluates `model` on `examples`; returns (records in question order, summary). No file I/O.
 
     greedy: one greedy rationale per question (the paper's main numbers). samples: K sampled rationales per question
-    at `temperature` for maj@K and pass@K (0 = none). When torch.distributed is initialised, each round of
-    world_size × batch_size questions is split across ranks and the records are gathered, so every rank returns the
-    same result as a single process would. The batch starting at question i samples with seed + i, so sampled
-    results do not depend on the number of processes. on_records(new_records) is called on every rank after each
-    round, in question order (the CLI appends them to its results file).
+    at `temperature` for maj@K and pass@K (0 = none). Under torch.distributed, each round of world_size × batch_size
+    questions is split across ranks and the records are gathered, so every rank returns what one process would. The
+    batch starting at question i samples with seed + i, so sampled results do not depend on the number of processes.
+    on_records(new_records) is called on every rank after each round, in question order.
     """
     if not greedy and not samples:
         raise ValueError("evaluate: nothing to do (greedy=False and samples=0)")
@@ -356,70 +333,55 @@ def summary_path(out: Path) -> Path:
 def read_jsonl_rows(path, what: str) -> list[tuple[int, dict]]:
     """(line number, object) for each line of a .jsonl file that a run appends to (results here, train.py's
     metrics). A last line cut off mid-write (no newline, not JSON) is dropped; a bad line elsewhere is an error."""
-    rows = []
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
+    rows = []
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
         try:
-            rows.append((number, json.loads(line)))
+            if line.strip():
+                rows.append((number, json.loads(line)))
         except json.JSONDecodeError:
-            if number == len(lines):  # the torn last line of an interrupted run
-                break
-            raise ValueError(f"{path}:{number}: not valid JSON; expected one {what} per line") from None
+            if number < len(lines):  # not the torn last line of an interrupted run
+                raise ValueError(f"{path}:{number}: not valid JSON; expected one {what} per line") from None
     return rows
 
 
 def read_records(path: Path) -> list[dict]:
-    """Records of a results file."""
-    records = []
-    for number, record in read_jsonl_rows(path, "result record"):
+    rows = read_jsonl_rows(path, "result record")
+    for number, record in rows:
         if not isinstance(record, dict) or "id" not in record:
             raise ValueError(f"{path}:{number}: expected a result record with an 'id'")
-        records.append(record)
-    return records
+    return [record for _, record in rows]
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written summary."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def write_json(path: Path, obj) -> None:
+    data.write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())  # a crash never leaves half a summary
 
 
-def check_out_location(out: Path) -> None:
-    """Fails before anything loads if `out` can never be written."""
+def check_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
+    """Ids of the questions already in `out` (none with --overwrite). Runs before anything loads and writes nothing:
+    an error if `out` can never be written, or was written with other settings."""
     if out.is_dir():
         raise ValueError(f"--out {out}: is a directory; expected the path of a .jsonl results file")
-    parent = out.parent
-    while not parent.exists():  # directories still to be created
-        parent = parent.parent
+    parent = next(p for p in out.parents if p.exists())  # the directories below it are still to be created
     if not parent.is_dir():
         raise ValueError(f"--out {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise ValueError(f"--out {out}: not writable (permission denied)")
-
-
-def read_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
-    """Ids of the questions already in `out` (none with --overwrite). Refuses (ValueError) a file written with other
-    settings. Writes nothing."""
     if overwrite or not out.exists():
         return set()
     summary_file = summary_path(out)
+    retry = "choose another --out or pass --overwrite"
     if not summary_file.exists():
-        raise ValueError(f"{out} exists but {summary_file} does not, so its settings are unknown; "
-                         "choose another --out or pass --overwrite")
+        raise ValueError(f"{out} exists but {summary_file} does not, so its settings are unknown; {retry}")
     try:
         previous = json.loads(summary_file.read_text()).get("settings") or {}
     except (json.JSONDecodeError, AttributeError):
-        raise ValueError(f"{summary_file}: not a summary written by eval.py; "
-                         "choose another --out or pass --overwrite") from None
+        raise ValueError(f"{summary_file}: not a summary written by eval.py; {retry}") from None
     if previous != settings:
         differ = ", ".join(f"{k}: {previous.get(k)!r} there, {v!r} now"
                            for k, v in settings.items() if previous.get(k) != v)
-        raise ValueError(f"{out} was written with different settings ({differ}); "
-                         "choose another --out or pass --overwrite")
+        raise ValueError(f"{out} was written with different settings ({differ}); {retry}")
     return {r["id"] for r in read_records(out)}
 
 
@@ -432,10 +394,9 @@ def start_output(out: Path, settings: dict, overwrite: bool) -> None:
             if path.exists():
                 os.replace(path, path.with_name(path.name + ".bak"))  # kept, not deleted: --overwrite can be a typo
         print(f"--overwrite: moved the previous results to {out}.bak")
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(summary_file, {"settings": settings, "complete": False})  # settings first: a crash
-        out.touch()                                                                    # leaves a resumable pair
+    if not out.exists():  # the settings first (write_atomic makes the directory): a crash leaves a resumable pair
+        write_json(summary_file, {"settings": settings, "complete": False})
+        out.touch()
         return
     with open(out, "rb+") as f:  # drop a torn last line, so the next append starts on a fresh line
         body = f.read()
@@ -485,6 +446,7 @@ def compare(path_a: str, path_b: str) -> str:
 
 
 def parse_args(argv):
+    """The flags; a bad value is a ValueError that names its flag (argparse itself checks only the types)."""
     p = argparse.ArgumentParser(description="Zero-shot CoT evaluation (greedy, maj@K, pass@K) with the LaTRO protocol.")
     p.add_argument("--model", help="model directory, Hugging Face hub id, or alias (e.g. smollm2-135m)")
     p.add_argument("--dataset", help="gsm8k, arc_challenge, a .jsonl file, or a directory holding {split}.jsonl")
@@ -503,29 +465,24 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="start over even if --out exists (old files kept as .bak)")
     p.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
                    help="paired comparison of two result files instead of evaluating")
-    return p.parse_args(argv)
-
-
-def check_args(args) -> None:
-    if args.compare:
-        return
-    for flag in ("model", "dataset"):
-        if not getattr(args, flag):
-            raise ValueError(f"--{flag} is required (or use --compare A.jsonl B.jsonl)")
-    for flag in ("limit", "max_new_tokens", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-    if args.samples < 0:
-        raise ValueError(f"--samples must be 0 (greedy only) or a positive number of samples, got {args.samples}")
-    if args.samples and not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 with --samples, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.no_greedy and not args.samples:
-        raise ValueError("--no-greedy needs --samples K (otherwise there is nothing to evaluate)")
-    if args.out and not args.out.endswith(".jsonl"):
-        raise ValueError(f"--out must end with .jsonl, got {args.out}")
+    args = p.parse_args(argv)
+    rules = [] if args.compare else [  # (is it broken, the error); --compare uses no other flag
+        (not args.model, "--model is required (or use --compare A.jsonl B.jsonl)"),
+        (not args.dataset, "--dataset is required (or use --compare A.jsonl B.jsonl)"),
+        (args.limit is not None and args.limit < 1, f"--limit must be a positive integer, got {args.limit}"),
+        (args.max_new_tokens < 1, f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}"),
+        (args.batch_size < 1, f"--batch-size must be a positive integer, got {args.batch_size}"),
+        (args.samples < 0, f"--samples must be 0 (greedy only) or a positive number of samples, got {args.samples}"),
+        (args.samples and not args.temperature > 0,
+         f"--temperature must be > 0 with --samples, got {args.temperature}"),
+        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.no_greedy and not args.samples, "--no-greedy needs --samples K (otherwise there is nothing to evaluate)"),
+        (args.out and not args.out.endswith(".jsonl"), f"--out must end with .jsonl, got {args.out}"),
+    ]
+    for broken, error in rules:
+        if broken:
+            raise ValueError(error)
+    return args
 
 
 def run_settings(args) -> dict:
@@ -598,10 +555,9 @@ def check_context(model, tokenizer, examples, max_new_tokens) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        check_args(args)
+        args = parse_args(argv)
         if args.compare:
             print(compare(*args.compare))
             return 0
@@ -617,47 +573,37 @@ def main(argv=None) -> int:
 
 def run(args, rank) -> int:
     out = Path(args.out) if args.out else default_out(args)
-    check_out_location(out)
-    examples = data.load_dataset(args.dataset, args.split, args.limit)
-    selected = {ex.id for ex in examples}
     settings = run_settings(args)
     device = setup_distributed(args.device)
-    distributed = torch.distributed.is_initialized()
-    done = on_rank0(rank, lambda: read_output(out, settings, args.overwrite))
+    done = on_rank0(rank, lambda: check_output(out, settings, args.overwrite))
+    examples = data.load_dataset(args.dataset, args.split, args.limit)
+    selected = {ex.id for ex in examples}
     pending = [ex for ex in examples if ex.id not in done]
     summary_file = summary_path(out)
-
-    def log(text):
-        if rank == 0:
-            print(text, flush=True)
-
-    log(f"{args.model} on {args.dataset} ({settings['split'] or 'file'}): {len(examples)} questions, "
-        f"{len(examples) - len(pending)} already in {out}, {len(pending)} to go")
+    if rank == 0:
+        print(f"{args.model} on {args.dataset} ({settings['split'] or 'file'}): {len(examples)} questions, "
+              f"{len(examples) - len(pending)} already in {out}, {len(pending)} to go", flush=True)
     if pending:
         model, tokenizer = load(args.model, device=device)
         check_context(model, tokenizer, pending, args.max_new_tokens)
         on_rank0(rank, lambda: start_output(out, settings, args.overwrite))  # inputs loaded: now create outputs
-        start, counts = time.time(), {"done": len(examples) - len(pending), "new_tokens": 0}
-        previous = [r for r in read_records(out) if r["id"] in selected] if rank == 0 else []  # running accuracy
+        start, new_records = time.time(), []
+        so_far = [r for r in read_records(out) if r["id"] in selected] if rank == 0 else []
 
-        def on_records(new):
-            if rank != 0:
-                return
+        def on_records(new):  # rank 0 appends each round to the results file and refreshes the summary
             with open(out, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
-                f.flush()
-            previous.extend(new)
-            counts["done"] += len(new)
-            counts["new_tokens"] += summarize(new)["generated_tokens"]
-            running = summarize(previous)
-            elapsed = time.time() - start
-            log(f"  {counts['done']}/{len(examples)} | accuracy {running['accuracy']:.1%} | "
-                f"{counts['new_tokens'] / elapsed:.0f} tok/s | {elapsed:.0f}s")
-            write_json_atomic(summary_file, {"settings": settings, "complete": False, **running})
+            new_records.extend(new)
+            so_far.extend(new)
+            running, elapsed = summarize(so_far), time.time() - start
+            print(f"  {len(examples) - len(pending) + len(new_records)}/{len(examples)} | accuracy "
+                  f"{running['accuracy']:.1%} | {summarize(new_records)['generated_tokens'] / elapsed:.0f} tok/s | "
+                  f"{elapsed:.0f}s", flush=True)
+            write_json(summary_file, {"settings": settings, "complete": False, **running})
 
         _, run_summary = evaluate(model, tokenizer, pending, args.max_new_tokens, args.batch_size, args.samples,
                                   args.temperature, args.top_p, args.seed, greedy=not args.no_greedy,
-                                  on_records=on_records)
+                                  on_records=on_records if rank == 0 else None)
     if rank != 0:
         return 0
 
@@ -670,19 +616,18 @@ def run(args, rank) -> int:
     } | summarize(scored)
     if len(scored) < len(records):
         summary["outside_selection"] = len(records) - len(scored)
-        log(f"{len(records) - len(scored)} records in {out} are for questions outside this selection "
-            f"(e.g. an earlier run without --limit): kept, not scored")
+        print(f"{len(records) - len(scored)} records in {out} are for questions outside this selection "
+              f"(e.g. an earlier run without --limit): kept, not scored")
     if pending:  # speed of this invocation (a resumed run reports only its own part)
         summary |= {"new_questions": len(pending), "seconds": round(run_summary["seconds"], 3),
                     "tokens_per_s": round(run_summary["tokens_per_s"], 1), "batch_size": args.batch_size,
-                    "world_size": torch.distributed.get_world_size() if distributed else 1}
-        write_json_atomic(summary_file, summary)
-    elif json.loads(summary_file.read_text()).get("complete") is not True:
-        write_json_atomic(summary_file, summary)  # finished earlier but the final summary was never written
+                    "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+    if pending or json.loads(summary_file.read_text()).get("complete") is not True:  # else it is written already
+        write_json(summary_file, summary)
     for name, m in summary["metrics"].items():
-        log(f"{name:>16}: {m['correct']}/{m['n']} = {m['accuracy']:.1%} "
-            f"(95% CI {m['ci95'][0]:.1%}-{m['ci95'][1]:.1%})")
-    log(f"results: {out}\nsummary: {summary_file}")
+        print(f"{name:>16}: {m['correct']}/{m['n']} = {m['accuracy']:.1%} "
+              f"(95% CI {m['ci95'][0]:.1%}-{m['ci95'][1]:.1%})")
+    print(f"results: {out}\nsummary: {summary_file}")
     return 0
 
 
