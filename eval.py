@@ -7,23 +7,10 @@ The protocol (paper §5 and the official scripts/evaluation.py):
 Optionally, K sampled rationales per question give self-consistency: maj@K (majority vote over the K extracted
 answers, the paper's "maj@8" at T = 1) and pass@K (any of the K is right). The official repo has no code for these.
 
-Answer extraction, and how it departs from the official eval_utils.py. `official_correct` reimplements the official
-rule, so both accuracies are reported:
-  - GSM8K: the first number after the LAST "The answer is", else the last number in the text. The official code
-    matches "The answer is" case-sensitively with the regex -?[\\d,]*\\.?\\d+; we match it in any case, read "1,080"
-    as one number but "1,2,3" as three, do not read the "-" of "5-3" as a sign, and read a Unicode minus ("−3",
-    U+2212) as one (the official regex reads 3).
-  - ARC: the official code lower-cases the text and the gold and drops the gold's trailing "."; its span is the text
-    after the LAST "the answer is" up to the next ".", with : " ' [ ] ( ) stripped from its two ends (or, with no
-    "the answer is", the last "."-separated fragment once the text's final "." is dropped), and it is right when the
-    gold option text is a substring of the span. So a span naming two options is right whenever one is the gold,
-    "salt water" is right for the gold "water", and a gold with a "." inside ("2.5 m/s") or ending in ")" is never
-    right, even written verbatim (19 of the 1172 test golds). We instead map the answer span to ONE option - by its
-    exact text, then by its label ("(C)", "C.", "option C"), then by the option text inside it - and compare labels.
-    A span that names several options (SmolLM2 writes "The answer is ['...', '...', '...', '...']") names none.
-  - Llama 3.1: the official script tokenizes the rendered chat template, which starts with <|begin_of_text|>, with
-    the tokenizer's own BOS on top, so its prompts start with two BOS tokens. model.Tokenizer never adds a BOS in
-    front of one the template wrote: our prompts have one.
+Our answer extraction departs from the official eval_utils.py; `official_correct` lists how, and reimplements the
+official rule, so both accuracies are reported. The prompts depart too: the official script tokenizes Llama 3.1's
+rendered chat template, which starts with <|begin_of_text|>, with the tokenizer's own BOS on top, so its prompts
+start with two BOS tokens. model.Tokenizer never adds a BOS in front of one the template wrote: ours have one.
 
 Usage:
     python eval.py --model smollm2-135m --dataset gsm8k --limit 100
@@ -53,25 +40,149 @@ import data
 from model import generate, load
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. Answer extraction
+# 1. The evaluation loop
+
+
+def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samples=0, temperature=1.0, top_p=1.0,
+             seed=0, greedy=True, on_records=None):
+    """Evaluates `model` on `examples`; returns (records in question order, summary). No file I/O.
+
+    greedy: one greedy rationale per question (the paper's main numbers). samples: K sampled rationales per question
+    at `temperature` for maj@K and pass@K (0 = none). Under torch.distributed, each round of world_size × batch_size
+    questions is split across ranks and the records are gathered, so every rank returns what one process would. The
+    batch starting at question i samples with seed + i, so sampled results do not depend on the number of processes.
+    on_records(new_records) is called on every rank after each round, in question order.
+    """
+    if not greedy and not samples:
+        raise ValueError("evaluate: nothing to do (greedy=False and samples=0)")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    was_training = model.training
+    model.eval()
+    start_time, records = time.time(), []
+    for start in range(0, len(examples), batch_size * world):
+        first = start + rank * batch_size
+        mine = examples[first:first + batch_size]
+        new = evaluate_batch(model, tokenizer, mine, max_new_tokens, greedy, samples, temperature, top_p,
+                             seed + first) if mine else []
+        if distributed:  # every rank joins every round, even with no questions left, so the gather cannot hang
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, new)
+            new = [r for part in gathered for r in part]
+        records += new
+        if on_records is not None:
+            on_records(new)
+    model.train(was_training)
+    seconds = time.time() - start_time
+    summary = summarize(records)
+    summary |= {"seconds": seconds, "tokens_per_s": summary["generated_tokens"] / max(seconds, 1e-9)}
+    return records, summary
+
+
+def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, temperature, top_p, seed) -> list[dict]:
+    """One batch of questions: a greedy rationale each and/or `samples` sampled ones; one record per question."""
+    prompts = [data.chat_prompt(tokenizer, ex) for ex in examples]
+    stop_ids = set(model.args.eos_token_ids)
+
+    def decode(ids):  # the text without its end-of-turn token, and whether it ended on its own (not at the cap)
+        finished = bool(ids) and ids[-1] in stop_ids
+        return tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True), finished
+
+    records = []
+    for ex, prompt in zip(examples, prompts):
+        gold = {"gold": ex.label, "gold_text": ex.answer} if ex.task == "arc" else {"gold": canonical_number(ex.answer)}
+        records.append({"id": ex.id, "prompt": tokenizer.decode(prompt)} | gold)
+    if greedy:
+        for ex, record, ids in zip(examples, records, generate(model, prompts, max_new_tokens, temperature=0.0)):
+            text, finished = decode(ids)
+            answer = extract_answer(ex, text)
+            record |= {"rationale": text, "answer": answer, "correct": is_correct(ex, answer),
+                       "official_correct": official_correct(ex, text), "tokens": len(ids), "finished": finished}
+    if samples:
+        outputs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                           num_samples=samples, seed=seed)
+        for i, (ex, record) in enumerate(zip(examples, records)):
+            rows = outputs[i * samples:(i + 1) * samples]
+            texts = [decode(ids)[0] for ids in rows]
+            answers = [extract_answer(ex, t) for t in texts]
+            vote = majority(answers)
+            record |= {"sample_rationales": texts, "sample_answers": answers,
+                       "sample_correct": [is_correct(ex, a) for a in answers],
+                       "sample_tokens": [len(ids) for ids in rows],
+                       "maj_answer": vote, "maj_correct": is_correct(ex, vote),
+                       "pass_correct": any(is_correct(ex, a) for a in answers)}
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Scores
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracies (with 95% Wilson intervals) and token counts of a list of per-question records."""
+    n = len(records)
+    metrics = {}
+    if records and "correct" in records[0]:
+        metrics["greedy"] = score(sum(r["correct"] for r in records), n)
+        metrics["greedy_official"] = score(sum(r["official_correct"] for r in records), n)
+    if records and "maj_correct" in records[0]:
+        k = len(records[0]["sample_answers"])
+        metrics[f"maj@{k}"] = score(sum(r["maj_correct"] for r in records), n)
+        metrics[f"pass@{k}"] = score(sum(r["pass_correct"] for r in records), n)
+    headline = metrics["greedy"] if "greedy" in metrics else next(iter(metrics.values()), score(0, 0))
+    return {"n": n, "accuracy": headline["accuracy"], "ci95": headline["ci95"], "metrics": metrics,
+            "no_answer": sum(r.get("answer", "") is None for r in records),
+            "unfinished": sum(not r.get("finished", True) for r in records),  # greedy rationales cut at max_new_tokens
+            "generated_tokens": sum(r.get("tokens", 0) + sum(r.get("sample_tokens", [])) for r in records)}
+
+
+def score(correct: int, n: int) -> dict:
+    low, high = wilson_interval(correct, n)
+    return {"correct": correct, "n": n, "accuracy": correct / n if n else 0.0, "ci95": [round(low, 6), round(high, 6)]}
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% confidence interval for a proportion; unlike p ± 1.96·se it stays inside [0, 1] and works at p = 0 or 1."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """The most common extracted answer; ties go to the one seen first; unanswered samples do not vote."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return None
+    best = max(votes.values())
+    return next(a for a in answers if votes.get(a) == best)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Answer extraction (ours; `official_correct`, at the end, reimplements the official rule and says how ours departs)
+
+
+def extract_answer(example: data.Example, text: str) -> str | None:
+    """GSM8K: the canonical number; ARC: the chosen option's label."""
+    return extract_choice(text, example.choices) if example.task == "arc" else extract_number(text)
+
+
+def is_correct(example: data.Example, answer: str | None) -> bool:
+    """GSM8K: the same number as the gold; ARC: the gold option's label."""
+    if answer is None:
+        return False
+    if example.task == "arc":
+        return answer == example.label
+    return math.isclose(float(answer), float(example.answer), rel_tol=1e-6, abs_tol=1e-6)
+
 
 # A number: "1,080" (thousands separators only in groups of three), "18", "3.5", ".5". A "-" is a sign only when it
 # does not follow a word or a closing bracket, so "5-3" is two numbers, "x = -3" is one.
 NUMBER = re.compile(r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+(?![\d,])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
-OFFICIAL_NUMBER = re.compile(r"-?[\d,]*\.?\d+")  # the official eval_utils.py regex, for official_correct
-OFFICIAL_ARC_ENDS = " :\"'[]()"  # what the official ARC rule strips from the ends of the answer span
 ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
-SENTENCE_END = re.compile(r"[.!?]\s")  # "2.5 m/s" and "decrease.', 'Planetary" do not end a sentence
-ANSWER_MARK = re.compile(r"\banswer\s*(?:is\b|:)", re.IGNORECASE)  # ARC: also "The correct answer is", "Answer:"
-
-
-def canonical_number(text: str) -> str:
-    """'1,080' -> '1080', '18.00' -> '18', '-0.50' -> '-0.5': one spelling per value, so majority votes agree."""
-    text = text.replace(",", "")
-    if "." not in text:
-        return str(int(text))
-    value = float(text)
-    return str(int(value)) if value.is_integer() else repr(round(value, 6))
 
 
 def extract_number(text: str) -> str | None:
@@ -86,12 +197,17 @@ def extract_number(text: str) -> str | None:
     return canonical_number(numbers[-1]) if numbers else None
 
 
-def normalize(text: str) -> str:
-    """Lower case, straight quotes, single spaces, no punctuation or markdown at either end."""
-    text = text.lower().replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"')
-    return " ".join(text.split()).strip(" .,:;!?'\"`*()[]{}")
+def canonical_number(text: str) -> str:
+    """'1,080' -> '1080', '18.00' -> '18', '-0.50' -> '-0.5': one spelling per value, so majority votes agree."""
+    text = text.replace(",", "")
+    if "." not in text:
+        return str(int(text))
+    value = float(text)
+    return str(int(value)) if value.is_integer() else repr(round(value, 6))
 
 
+ANSWER_MARK = re.compile(r"\banswer\s*(?:is\b|:)", re.IGNORECASE)  # ARC: also "The correct answer is", "Answer:"
+SENTENCE_END = re.compile(r"[.!?]\s")  # "2.5 m/s" and "decrease.', 'Planetary" do not end a sentence
 # How a span may name an option by its label: "(C)", "[c]", "C)", "C.", "C:", "C" alone, "option C", or a capital
 # B-Z starting the span ("C because ..."). A capital A followed by a word is left alone: it is usually the article
 # ("A solid turns into a liquid"), not option A.
@@ -102,6 +218,22 @@ LABEL_PATTERNS = [
     re.compile(r"\b(?:option|choice)\s*[(\[]?([A-Za-z0-9])\b", re.IGNORECASE),
     re.compile(r"^([B-Z])\b(?![.,]\d)"),
 ]
+
+
+def extract_choice(text: str, choices: list[tuple[str, str]]) -> str | None:
+    """The label of the ARC option the rationale settles on, or None. It should be after the last "answer is" or
+    "Answer:" (to the end of that line, or the next line if that is empty); failing that, on the last non-empty line."""
+    spans = []
+    marks = list(ANSWER_MARK.finditer(text))
+    if marks:
+        rest = text[marks[-1].end():].lstrip(" \t:*")
+        spans += [line for line in rest.split("\n") if line.strip(" \t:*")][:1]
+    spans += [line for line in text.split("\n") if line.strip()][-1:]
+    for span in spans:
+        label = match_option(span, choices)
+        if label is not None:
+            return label
+    return None
 
 
 def match_option(span: str, choices: list[tuple[str, str]]) -> str | None:
@@ -149,44 +281,38 @@ def match_option(span: str, choices: list[tuple[str, str]]) -> str | None:
     return None
 
 
+def normalize(text: str) -> str:
+    """Lower case, straight quotes, single spaces, no punctuation or markdown at either end."""
+    text = text.lower().replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"')
+    return " ".join(text.split()).strip(" .,:;!?'\"`*()[]{}")
+
+
 def find_words(phrase: str, text: str):
     """Where `phrase` occurs in `text` as whole words (option "4" is not in "14 legs"), or None."""
     return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) if phrase else None
 
 
-def extract_choice(text: str, choices: list[tuple[str, str]]) -> str | None:
-    """The label of the ARC option the rationale settles on, or None. It should be after the last "answer is" or
-    "Answer:" (to the end of that line, or the next line if that is empty); failing that, on the last non-empty line."""
-    spans = []
-    marks = list(ANSWER_MARK.finditer(text))
-    if marks:
-        rest = text[marks[-1].end():].lstrip(" \t:*")
-        spans += [line for line in rest.split("\n") if line.strip(" \t:*")][:1]
-    spans += [line for line in text.split("\n") if line.strip()][-1:]
-    for span in spans:
-        label = match_option(span, choices)
-        if label is not None:
-            return label
-    return None
-
-
-def extract_answer(example: data.Example, text: str) -> str | None:
-    """GSM8K: the canonical number; ARC: the chosen option's label."""
-    return extract_choice(text, example.choices) if example.task == "arc" else extract_number(text)
-
-
-def is_correct(example: data.Example, answer: str | None) -> bool:
-    """GSM8K: the same number as the gold; ARC: the gold option's label."""
-    if answer is None:
-        return False
-    if example.task == "arc":
-        return answer == example.label
-    return math.isclose(float(answer), float(example.answer), rel_tol=1e-6, abs_tol=1e-6)
+OFFICIAL_NUMBER = re.compile(r"-?[\d,]*\.?\d+")  # the official eval_utils.py regex
+OFFICIAL_ARC_ENDS = " :\"'[]()"  # what the official ARC rule strips from the ends of the answer span
 
 
 def official_correct(example: data.Example, text: str) -> bool:
-    """The official eval_utils.py verdict (its rules as summarised above, reimplemented), reported next to ours so
-    that numbers can be compared with the paper's."""
+    """The official eval_utils.py verdict, reimplemented and reported next to ours so that numbers can be compared
+    with the paper's. Where ours departs from it:
+      - GSM8K: the first number after the LAST "The answer is", else the last number in the text. The official code
+        matches "The answer is" case-sensitively with the regex -?[\\d,]*\\.?\\d+; we match it in any case, read
+        "1,080" as one number but "1,2,3" as three, do not read the "-" of "5-3" as a sign, and read a Unicode minus
+        ("−3", U+2212) as one (the official regex reads 3).
+      - ARC: the official code lower-cases the text and the gold and drops the gold's trailing "."; its span is the
+        text after the LAST "the answer is" up to the next ".", with : " ' [ ] ( ) stripped from its two ends (or,
+        with no "the answer is", the last "."-separated fragment once the text's final "." is dropped), and it is
+        right when the gold option text is a substring of the span. So a span naming two options is right whenever
+        one is the gold, "salt water" is right for the gold "water", and a gold with a "." inside ("2.5 m/s") or
+        ending in ")" is never right, even written verbatim (19 of the 1172 test golds). We instead map the answer
+        span to ONE option - by its exact text, then by its label ("(C)", "C.", "option C"), then by the option text
+        inside it - and compare labels. A span that names several options (SmolLM2 writes "The answer is ['...',
+        '...', '...', '...']") names none.
+    """
     if example.task == "gsm8k":
         after = OFFICIAL_NUMBER.findall(text.split("The answer is")[-1]) if "The answer is" in text else []
         numbers = after[:1] or OFFICIAL_NUMBER.findall(text)[-1:]
@@ -201,129 +327,7 @@ def official_correct(example: data.Example, text: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. Scores
-
-
-def majority(answers: list[str | None]) -> str | None:
-    """The most common extracted answer; ties go to the one seen first; unanswered samples do not vote."""
-    votes = Counter(a for a in answers if a is not None)
-    if not votes:
-        return None
-    best = max(votes.values())
-    return next(a for a in answers if votes.get(a) == best)
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% confidence interval for a proportion; unlike p ± 1.96·se it stays inside [0, 1] and works at p = 0 or 1."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def score(correct: int, n: int) -> dict:
-    low, high = wilson_interval(correct, n)
-    return {"correct": correct, "n": n, "accuracy": correct / n if n else 0.0, "ci95": [round(low, 6), round(high, 6)]}
-
-
-def summarize(records: list[dict]) -> dict:
-    """Accuracies (with 95% Wilson intervals) and token counts of a list of per-question records."""
-    n = len(records)
-    metrics = {}
-    if records and "correct" in records[0]:
-        metrics["greedy"] = score(sum(r["correct"] for r in records), n)
-        metrics["greedy_official"] = score(sum(r["official_correct"] for r in records), n)
-    if records and "maj_correct" in records[0]:
-        k = len(records[0]["sample_answers"])
-        metrics[f"maj@{k}"] = score(sum(r["maj_correct"] for r in records), n)
-        metrics[f"pass@{k}"] = score(sum(r["pass_correct"] for r in records), n)
-    headline = metrics["greedy"] if "greedy" in metrics else next(iter(metrics.values()), score(0, 0))
-    return {"n": n, "accuracy": headline["accuracy"], "ci95": headline["ci95"], "metrics": metrics,
-            "no_answer": sum(r.get("answer", "") is None for r in records),
-            "unfinished": sum(not r.get("finished", True) for r in records),  # greedy rationales cut at max_new_tokens
-            "generated_tokens": sum(r.get("tokens", 0) + sum(r.get("sample_tokens", [])) for r in records)}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 3. Running the model
-
-
-def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, temperature, top_p, seed) -> list[dict]:
-    """One batch of questions: a greedy rationale each and/or `samples` sampled ones; one record per question."""
-    prompts = [data.chat_prompt(tokenizer, ex) for ex in examples]
-    stop_ids = set(model.args.eos_token_ids)
-
-    def decode(ids):  # the text without its end-of-turn token, and whether it ended on its own (not at the cap)
-        finished = bool(ids) and ids[-1] in stop_ids
-        return tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True), finished
-
-    records = []
-    for ex, prompt in zip(examples, prompts):
-        gold = {"gold": ex.label, "gold_text": ex.answer} if ex.task == "arc" else {"gold": canonical_number(ex.answer)}
-        records.append({"id": ex.id, "prompt": tokenizer.decode(prompt)} | gold)
-    if greedy:
-        for ex, record, ids in zip(examples, records, generate(model, prompts, max_new_tokens, temperature=0.0)):
-            text, finished = decode(ids)
-            answer = extract_answer(ex, text)
-            record |= {"rationale": text, "answer": answer, "correct": is_correct(ex, answer),
-                       "official_correct": official_correct(ex, text), "tokens": len(ids), "finished": finished}
-    if samples:
-        outputs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                           num_samples=samples, seed=seed)
-        for i, (ex, record) in enumerate(zip(examples, records)):
-            rows = outputs[i * samples:(i + 1) * samples]
-            texts = [decode(ids)[0] for ids in rows]
-            answers = [extract_answer(ex, t) for t in texts]
-            vote = majority(answers)
-            record |= {"sample_rationales": texts, "sample_answers": answers,
-                       "sample_correct": [is_correct(ex, a) for a in answers],
-                       "sample_tokens": [len(ids) for ids in rows],
-                       "maj_answer": vote, "maj_correct": is_correct(ex, vote),
-                       "pass_correct": any(is_correct(ex, a) for a in answers)}
-    return records
-
-
-def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samples=0, temperature=1.0, top_p=1.0,
-             seed=0, greedy=True, on_records=None):
-    """Evaluates `model` on `examples`; returns (records in question order, summary). No file I/O.
-
-    greedy: one greedy rationale per question (the paper's main numbers). samples: K sampled rationales per question
-    at `temperature` for maj@K and pass@K (0 = none). Under torch.distributed, each round of world_size × batch_size
-    questions is split across ranks and the records are gathered, so every rank returns what one process would. The
-    batch starting at question i samples with seed + i, so sampled results do not depend on the number of processes.
-    on_records(new_records) is called on every rank after each round, in question order.
-    """
-    if not greedy and not samples:
-        raise ValueError("evaluate: nothing to do (greedy=False and samples=0)")
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    world = torch.distributed.get_world_size() if distributed else 1
-    was_training = model.training
-    model.eval()
-    start_time, records = time.time(), []
-    for start in range(0, len(examples), batch_size * world):
-        first = start + rank * batch_size
-        mine = examples[first:first + batch_size]
-        new = evaluate_batch(model, tokenizer, mine, max_new_tokens, greedy, samples, temperature, top_p,
-                             seed + first) if mine else []
-        if distributed:  # every rank joins every round, even with no questions left, so the gather cannot hang
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, new)
-            new = [r for part in gathered for r in part]
-        records += new
-        if on_records is not None:
-            on_records(new)
-    model.train(was_training)
-    seconds = time.time() - start_time
-    summary = summarize(records)
-    summary |= {"seconds": seconds, "tokens_per_s": summary["generated_tokens"] / max(seconds, 1e-9)}
-    return records, summary
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 4. Result files
+# 4. Result files: a .jsonl of records, appended to, and a .summary.json holding the settings they were made with
 
 
 def summary_path(out: Path) -> Path:
@@ -445,115 +449,6 @@ def compare(path_a: str, path_b: str) -> str:
 # 6. Command line
 
 
-def parse_args(argv):
-    """The flags; a bad value is a ValueError that names its flag (argparse itself checks only the types)."""
-    p = argparse.ArgumentParser(description="Zero-shot CoT evaluation (greedy, maj@K, pass@K) with the LaTRO protocol.")
-    p.add_argument("--model", help="model directory, Hugging Face hub id, or alias (e.g. smollm2-135m)")
-    p.add_argument("--dataset", help="gsm8k, arc_challenge, a .jsonl file, or a directory holding {split}.jsonl")
-    p.add_argument("--split", default="test", help="dataset split (default: test)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N questions")
-    p.add_argument("--max-new-tokens", type=int, default=500, help="rationale length cap (paper: 500)")
-    p.add_argument("--batch-size", type=int, default=16, help="questions per generate() call, per process")
-    p.add_argument("--samples", type=int, default=0, help="K sampled rationales per question for maj@K and pass@K")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples (paper: 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for --samples (paper: 1.0, i.e. off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed for --samples")
-    p.add_argument("--no-greedy", action="store_true", help="with --samples: skip the greedy pass")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--out", help="results .jsonl (default: runs/eval/<model>-<dataset>-<split>[-k<K>-t<T>].jsonl); "
-                                 "a summary .summary.json is written next to it")
-    p.add_argument("--overwrite", action="store_true", help="start over even if --out exists (old files kept as .bak)")
-    p.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
-                   help="paired comparison of two result files instead of evaluating")
-    args = p.parse_args(argv)
-    rules = [] if args.compare else [  # (is it broken, the error); --compare uses no other flag
-        (not args.model, "--model is required (or use --compare A.jsonl B.jsonl)"),
-        (not args.dataset, "--dataset is required (or use --compare A.jsonl B.jsonl)"),
-        (args.limit is not None and args.limit < 1, f"--limit must be a positive integer, got {args.limit}"),
-        (args.max_new_tokens < 1, f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}"),
-        (args.batch_size < 1, f"--batch-size must be a positive integer, got {args.batch_size}"),
-        (args.samples < 0, f"--samples must be 0 (greedy only) or a positive number of samples, got {args.samples}"),
-        (args.samples and not args.temperature > 0,
-         f"--temperature must be > 0 with --samples, got {args.temperature}"),
-        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.no_greedy and not args.samples, "--no-greedy needs --samples K (otherwise there is nothing to evaluate)"),
-        (args.out and not args.out.endswith(".jsonl"), f"--out must end with .jsonl, got {args.out}"),
-    ]
-    for broken, error in rules:
-        if broken:
-            raise ValueError(error)
-    return args
-
-
-def run_settings(args) -> dict:
-    """What must match for a results file to be resumed. Batch size and device are left out: they change no answers
-    (up to floating-point noise)."""
-    is_file = args.dataset.endswith(".jsonl") or Path(args.dataset).is_file()
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.samples else {}
-    return {"model": args.model, "dataset": args.dataset, "split": None if is_file else args.split,
-            "max_new_tokens": args.max_new_tokens, "greedy": not args.no_greedy, "samples": args.samples} | sampling
-
-
-def default_out(args) -> Path:
-    model_name = Path(args.model.rstrip("/")).name
-    dataset_name = Path(args.dataset).stem if args.dataset.endswith(".jsonl") else Path(args.dataset.rstrip("/")).name
-    split = "" if args.dataset.endswith(".jsonl") else f"-{args.split}"
-    sampled = f"-k{args.samples}-t{args.temperature:g}" if args.samples else ""
-    return Path("runs/eval") / f"{model_name}-{dataset_name}{split}{sampled}.jsonl"
-
-
-def choose_device(flag: str | None, world: int, local_rank: int, cuda_available: bool) -> str:
-    """This process's device. Under torchrun (world > 1) each process takes its own GPU, cuda:LOCAL_RANK, as train.py
-    does; a single named GPU (cuda:1) would put every process on it, so it is refused there."""
-    flag = flag or ("cuda" if cuda_available else "cpu")
-    if not flag.startswith("cuda"):
-        return flag
-    if not cuda_available:
-        raise ValueError(f"--device {flag}: no CUDA device is available; use --device cpu")
-    if world > 1 and flag != "cuda":
-        raise ValueError(f"--device {flag}: under torchrun every process would share that one GPU; "
-                         "pass --device cuda (process i then uses cuda:LOCAL_RANK)")
-    return f"cuda:{local_rank}" if world > 1 else flag
-
-
-def setup_distributed(device_flag) -> str:
-    """torchrun sets WORLD_SIZE; a plain `python eval.py` runs as one process and never touches torch.distributed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = choose_device(device_flag, world, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
-    if world > 1:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
-
-
-def on_rank0(rank: int, fn):
-    """fn() on rank 0, which owns the files; its result, or the error that stops everyone, goes to every rank so
-    that none waits forever."""
-    message = [None, None]
-    if rank == 0:
-        try:
-            message = [None, fn()]
-        except (ValueError, OSError) as e:
-            message = [str(e), None]
-    if torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise ValueError(message[0])
-    return message[1]
-
-
-def check_context(model, tokenizer, examples, max_new_tokens) -> None:
-    """The longest prompt plus max_new_tokens must fit the model's context: generate() allocates a KV cache that
-    long before its first step."""
-    longest, name = max((len(data.chat_prompt(tokenizer, ex)), ex.id) for ex in examples)
-    context = model.args.max_seq_len
-    if longest + max_new_tokens > context:
-        raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({name}, {longest} tokens) plus "
-                         f"{max_new_tokens} new tokens exceeds the model's context of {context} tokens "
-                         f"(max_position_embeddings); at most {max(context - longest, 0)} new tokens fit")
-
-
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -629,6 +524,115 @@ def run(args, rank) -> int:
               f"(95% CI {m['ci95'][0]:.1%}-{m['ci95'][1]:.1%})")
     print(f"results: {out}\nsummary: {summary_file}")
     return 0
+
+
+def parse_args(argv):
+    """The flags; a bad value is a ValueError that names its flag (argparse itself checks only the types)."""
+    p = argparse.ArgumentParser(description="Zero-shot CoT evaluation (greedy, maj@K, pass@K) with the LaTRO protocol.")
+    p.add_argument("--model", help="model directory, Hugging Face hub id, or alias (e.g. smollm2-135m)")
+    p.add_argument("--dataset", help="gsm8k, arc_challenge, a .jsonl file, or a directory holding {split}.jsonl")
+    p.add_argument("--split", default="test", help="dataset split (default: test)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="rationale length cap (paper: 500)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per generate() call, per process")
+    p.add_argument("--samples", type=int, default=0, help="K sampled rationales per question for maj@K and pass@K")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples (paper: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for --samples (paper: 1.0, i.e. off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for --samples")
+    p.add_argument("--no-greedy", action="store_true", help="with --samples: skip the greedy pass")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--out", help="results .jsonl (default: runs/eval/<model>-<dataset>-<split>[-k<K>-t<T>].jsonl); "
+                                 "a summary .summary.json is written next to it")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --out exists (old files kept as .bak)")
+    p.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
+                   help="paired comparison of two result files instead of evaluating")
+    args = p.parse_args(argv)
+    rules = [] if args.compare else [  # (is it broken, the error); --compare uses no other flag
+        (not args.model, "--model is required (or use --compare A.jsonl B.jsonl)"),
+        (not args.dataset, "--dataset is required (or use --compare A.jsonl B.jsonl)"),
+        (args.limit is not None and args.limit < 1, f"--limit must be a positive integer, got {args.limit}"),
+        (args.max_new_tokens < 1, f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}"),
+        (args.batch_size < 1, f"--batch-size must be a positive integer, got {args.batch_size}"),
+        (args.samples < 0, f"--samples must be 0 (greedy only) or a positive number of samples, got {args.samples}"),
+        (args.samples and not args.temperature > 0,
+         f"--temperature must be > 0 with --samples, got {args.temperature}"),
+        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.no_greedy and not args.samples, "--no-greedy needs --samples K (otherwise there is nothing to evaluate)"),
+        (args.out and not args.out.endswith(".jsonl"), f"--out must end with .jsonl, got {args.out}"),
+    ]
+    for broken, error in rules:
+        if broken:
+            raise ValueError(error)
+    return args
+
+
+def run_settings(args) -> dict:
+    """What must match for a results file to be resumed. Batch size and device are left out: they change no answers
+    (up to floating-point noise)."""
+    is_file = args.dataset.endswith(".jsonl") or Path(args.dataset).is_file()
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.samples else {}
+    return {"model": args.model, "dataset": args.dataset, "split": None if is_file else args.split,
+            "max_new_tokens": args.max_new_tokens, "greedy": not args.no_greedy, "samples": args.samples} | sampling
+
+
+def default_out(args) -> Path:
+    model_name = Path(args.model.rstrip("/")).name
+    dataset_name = Path(args.dataset).stem if args.dataset.endswith(".jsonl") else Path(args.dataset.rstrip("/")).name
+    split = "" if args.dataset.endswith(".jsonl") else f"-{args.split}"
+    sampled = f"-k{args.samples}-t{args.temperature:g}" if args.samples else ""
+    return Path("runs/eval") / f"{model_name}-{dataset_name}{split}{sampled}.jsonl"
+
+
+def check_context(model, tokenizer, examples, max_new_tokens) -> None:
+    """The longest prompt plus max_new_tokens must fit the model's context: generate() allocates a KV cache that
+    long before its first step."""
+    longest, name = max((len(data.chat_prompt(tokenizer, ex)), ex.id) for ex in examples)
+    context = model.args.max_seq_len
+    if longest + max_new_tokens > context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({name}, {longest} tokens) plus "
+                         f"{max_new_tokens} new tokens exceeds the model's context of {context} tokens "
+                         f"(max_position_embeddings); at most {max(context - longest, 0)} new tokens fit")
+
+
+def choose_device(flag: str | None, world: int, local_rank: int, cuda_available: bool) -> str:
+    """This process's device. Under torchrun (world > 1) each process takes its own GPU, cuda:LOCAL_RANK, as train.py
+    does; a single named GPU (cuda:1) would put every process on it, so it is refused there."""
+    flag = flag or ("cuda" if cuda_available else "cpu")
+    if not flag.startswith("cuda"):
+        return flag
+    if not cuda_available:
+        raise ValueError(f"--device {flag}: no CUDA device is available; use --device cpu")
+    if world > 1 and flag != "cuda":
+        raise ValueError(f"--device {flag}: under torchrun every process would share that one GPU; "
+                         "pass --device cuda (process i then uses cuda:LOCAL_RANK)")
+    return f"cuda:{local_rank}" if world > 1 else flag
+
+
+def setup_distributed(device_flag) -> str:
+    """torchrun sets WORLD_SIZE; a plain `python eval.py` runs as one process and never touches torch.distributed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = choose_device(device_flag, world, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
+    if world > 1:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def on_rank0(rank: int, fn):
+    """fn() on rank 0, which owns the files; its result, or the error that stops everyone, goes to every rank so
+    that none waits forever."""
+    message = [None, None]
+    if rank == 0:
+        try:
+            message = [None, fn()]
+        except (ValueError, OSError) as e:
+            message = [str(e), None]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise ValueError(message[0])
+    return message[1]
 
 
 if __name__ == "__main__":
