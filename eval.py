@@ -7,23 +7,10 @@ The protocol (paper §5 and the official scripts/evaluation.py):
 Optionally, K sampled rationales per question give self-consistency: maj@K (majority vote over the K extracted
 answers, the paper's "maj@8" at T = 1) and pass@K (any of the K is right). The official repo has no code for these.
 
-Answer extraction, and how it departs from the official eval_utils.py. `official_correct` reimplements the official
-rule, so both accuracies are reported:
-  - GSM8K: the first number after the LAST "The answer is", else the last number in the text. The official code
-    matches "The answer is" case-sensitively with the regex -?[\\d,]*\\.?\\d+; we match it in any case, read "1,080"
-    as one number but "1,2,3" as three, do not read the "-" of "5-3" as a sign, and read a Unicode minus ("−3",
-    U+2212) as one (the official regex reads 3).
-  - ARC: the official code lower-cases the text and the gold and drops the gold's trailing "."; its span is the text
-    after the LAST "the answer is" up to the next ".", with : " ' [ ] ( ) stripped from its two ends (or, with no
-    "the answer is", the last "."-separated fragment once the text's final "." is dropped), and it is right when the
-    gold option text is a substring of the span. So a span naming two options is right whenever one is the gold,
-    "salt water" is right for the gold "water", and a gold with a "." inside ("2.5 m/s") or ending in ")" is never
-    right, even written verbatim (19 of the 1172 test golds). We instead map the answer span to ONE option - by its
-    exact text, then by its label ("(C)", "C.", "option C"), then by the option text inside it - and compare labels.
-    A span that names several options (SmolLM2 writes "The answer is ['...', '...', '...', '...']") names none.
-  - Llama 3.1: the official script tokenizes the rendered chat template, which starts with <|begin_of_text|>, with
-    the tokenizer's own BOS on top, so its prompts start with two BOS tokens. model.Tokenizer never adds a BOS in
-    front of one the template wrote: our prompts have one.
+Our answer extraction departs from the official eval_utils.py; `official_correct` lists how, and reimplements the
+official rule, so both accuracies are reported. The prompts depart too: the official script tokenizes Llama 3.1's
+rendered chat template, which starts with <|begin_of_text|>, with the tokenizer's own BOS on top, so its prompts
+start with two BOS tokens. model.Tokenizer never adds a BOS in front of one the template wrote: ours have one.
 
 Usage:
     python eval.py --model smollm2-135m --dataset gsm8k --limit 100
@@ -53,25 +40,149 @@ import data
 from model import generate, load
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. Answer extraction
+# 1. The evaluation loop
+
+
+def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samples=0, temperature=1.0, top_p=1.0,
+             seed=0, greedy=True, on_records=None):
+    """Evaluates `model` on `examples`; returns (records in question order, summary). No file I/O.
+
+    greedy: one greedy rationale per question (the paper's main numbers). samples: K sampled rationales per question
+    at `temperature` for maj@K and pass@K (0 = none). Under torch.distributed, each round of world_size × batch_size
+    questions is split across ranks and the records are gathered, so every rank returns what one process would. The
+    batch starting at question i samples with seed + i, so sampled results do not depend on the number of processes.
+    on_records(new_records) is called on every rank after each round, in question order.
+    """
+    if not greedy and not samples:
+        raise ValueError("evaluate: nothing to do (greedy=False and samples=0)")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    was_training = model.training
+    model.eval()
+    start_time, records = time.time(), []
+    for start in range(0, len(examples), batch_size * world):
+        first = start + rank * batch_size
+        mine = examples[first:first + batch_size]
+        new = evaluate_batch(model, tokenizer, mine, max_new_tokens, greedy, samples, temperature, top_p,
+                             seed + first) if mine else []
+        if distributed:  # every rank joins every round, even with no questions left, so the gather cannot hang
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, new)
+            new = [r for part in gathered for r in part]
+        records += new
+        if on_records is not None:
+            on_records(new)
+    model.train(was_training)
+    seconds = time.time() - start_time
+    summary = summarize(records)
+    summary |= {"seconds": seconds, "tokens_per_s": summary["generated_tokens"] / max(seconds, 1e-9)}
+    return records, summary
+
+
+def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, temperature, top_p, seed) -> list[dict]:
+    """One batch of questions: a greedy rationale each and/or `samples` sampled ones; one record per question."""
+    prompts = [data.chat_prompt(tokenizer, ex) for ex in examples]
+    stop_ids = set(model.args.eos_token_ids)
+
+    def decode(ids):  # the text without its end-of-turn token, and whether it ended on its own (not at the cap)
+        finished = bool(ids) and ids[-1] in stop_ids
+        return tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True), finished
+
+    records = []
+    for ex, prompt in zip(examples, prompts):
+        gold = {"gold": ex.label, "gold_text": ex.answer} if ex.task == "arc" else {"gold": canonical_number(ex.answer)}
+        records.append({"id": ex.id, "prompt": tokenizer.decode(prompt)} | gold)
+    if greedy:
+        for ex, record, ids in zip(examples, records, generate(model, prompts, max_new_tokens, temperature=0.0)):
+            text, finished = decode(ids)
+            answer = extract_answer(ex, text)
+            record |= {"rationale": text, "answer": answer, "correct": is_correct(ex, answer),
+                       "official_correct": official_correct(ex, text), "tokens": len(ids), "finished": finished}
+    if samples:
+        outputs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                           num_samples=samples, seed=seed)
+        for i, (ex, record) in enumerate(zip(examples, records)):
+            rows = outputs[i * samples:(i + 1) * samples]
+            texts = [decode(ids)[0] for ids in rows]
+            answers = [extract_answer(ex, t) for t in texts]
+            vote = majority(answers)
+            record |= {"sample_rationales": texts, "sample_answers": answers,
+                       "sample_correct": [is_correct(ex, a) for a in answers],
+                       "sample_tokens": [len(ids) for ids in rows],
+                       "maj_answer": vote, "maj_correct": is_correct(ex, vote),
+                       "pass_correct": any(is_correct(ex, a) for a in answers)}
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Scores
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracies (with 95% Wilson intervals) and token counts of a list of per-question records."""
+    n = len(records)
+    metrics = {}
+    if records and "correct" in records[0]:
+        metrics["greedy"] = score(sum(r["correct"] for r in records), n)
+        metrics["greedy_official"] = score(sum(r["official_correct"] for r in records), n)
+    if records and "maj_correct" in records[0]:
+        k = len(records[0]["sample_answers"])
+        metrics[f"maj@{k}"] = score(sum(r["maj_correct"] for r in records), n)
+        metrics[f"pass@{k}"] = score(sum(r["pass_correct"] for r in records), n)
+    headline = metrics["greedy"] if "greedy" in metrics else next(iter(metrics.values()), score(0, 0))
+    return {"n": n, "accuracy": headline["accuracy"], "ci95": headline["ci95"], "metrics": metrics,
+            "no_answer": sum(r.get("answer", "") is None for r in records),
+            "unfinished": sum(not r.get("finished", True) for r in records),  # greedy rationales cut at max_new_tokens
+            "generated_tokens": sum(r.get("tokens", 0) + sum(r.get("sample_tokens", [])) for r in records)}
+
+
+def score(correct: int, n: int) -> dict:
+    low, high = wilson_interval(correct, n)
+    return {"correct": correct, "n": n, "accuracy": correct / n if n else 0.0, "ci95": [round(low, 6), round(high, 6)]}
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% confidence interval for a proportion; unlike p ± 1.96·se it stays inside [0, 1] and works at p = 0 or 1."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """The most common extracted answer; ties go to the one seen first; unanswered samples do not vote."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return None
+    best = max(votes.values())
+    return next(a for a in answers if votes.get(a) == best)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Answer extraction (ours; `official_correct`, at the end, reimplements the official rule and says how ours departs)
+
+
+def extract_answer(example: data.Example, text: str) -> str | None:
+    """GSM8K: the canonical number; ARC: the chosen option's label."""
+    return extract_choice(text, example.choices) if example.task == "arc" else extract_number(text)
+
+
+def is_correct(example: data.Example, answer: str | None) -> bool:
+    """GSM8K: the same number as the gold; ARC: the gold option's label."""
+    if answer is None:
+        return False
+    if example.task == "arc":
+        return answer == example.label
+    return math.isclose(float(answer), float(example.answer), rel_tol=1e-6, abs_tol=1e-6)
+
 
 # A number: "1,080" (thousands separators only in groups of three), "18", "3.5", ".5". A "-" is a sign only when it
 # does not follow a word or a closing bracket, so "5-3" is two numbers, "x = -3" is one.
 NUMBER = re.compile(r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+(?![\d,])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
-OFFICIAL_NUMBER = re.compile(r"-?[\d,]*\.?\d+")  # the official eval_utils.py regex, for official_correct
-OFFICIAL_ARC_ENDS = " :\"'[]()"  # what the official ARC rule strips from the ends of the answer span
 ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
-SENTENCE_END = re.compile(r"[.!?]\s")  # "2.5 m/s" and "decrease.', 'Planetary" do not end a sentence
-ANSWER_MARK = re.compile(r"\banswer\s*(?:is\b|:)", re.IGNORECASE)  # ARC: also "The correct answer is", "Answer:"
-
-
-def canonical_number(text: str) -> str:
-    """'1,080' -> '1080', '18.00' -> '18', '-0.50' -> '-0.5': one spelling per value, so majority votes agree."""
-    text = text.replace(",", "")
-    if "." not in text:
-        return str(int(text))
-    value = float(text)
-    return str(int(value)) if value.is_integer() else repr(round(value, 6))
 
 
 def extract_number(text: str) -> str | None:
@@ -86,18 +197,17 @@ def extract_number(text: str) -> str | None:
     return canonical_number(numbers[-1]) if numbers else None
 
 
-def same_number(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return False
-    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-6)
+def canonical_number(text: str) -> str:
+    """'1,080' -> '1080', '18.00' -> '18', '-0.50' -> '-0.5': one spelling per value, so majority votes agree."""
+    text = text.replace(",", "")
+    if "." not in text:
+        return str(int(text))
+    value = float(text)
+    return str(int(value)) if value.is_integer() else repr(round(value, 6))
 
 
-def normalize(text: str) -> str:
-    """Lower case, straight quotes, single spaces, no punctuation or markdown at either end."""
-    text = text.lower().replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"')
-    return " ".join(text.split()).strip(" .,:;!?'\"`*()[]{}")
-
-
+ANSWER_MARK = re.compile(r"\banswer\s*(?:is\b|:)", re.IGNORECASE)  # ARC: also "The correct answer is", "Answer:"
+SENTENCE_END = re.compile(r"[.!?]\s")  # "2.5 m/s" and "decrease.', 'Planetary" do not end a sentence
 # How a span may name an option by its label: "(C)", "[c]", "C)", "C.", "C:", "C" alone, "option C", or a capital
 # B-Z starting the span ("C because ..."). A capital A followed by a word is left alone: it is usually the article
 # ("A solid turns into a liquid"), not option A.
@@ -108,6 +218,22 @@ LABEL_PATTERNS = [
     re.compile(r"\b(?:option|choice)\s*[(\[]?([A-Za-z0-9])\b", re.IGNORECASE),
     re.compile(r"^([B-Z])\b(?![.,]\d)"),
 ]
+
+
+def extract_choice(text: str, choices: list[tuple[str, str]]) -> str | None:
+    """The label of the ARC option the rationale settles on, or None. It should be after the last "answer is" or
+    "Answer:" (to the end of that line, or the next line if that is empty); failing that, on the last non-empty line."""
+    spans = []
+    marks = list(ANSWER_MARK.finditer(text))
+    if marks:
+        rest = text[marks[-1].end():].lstrip(" \t:*")
+        spans += [line for line in rest.split("\n") if line.strip(" \t:*")][:1]
+    spans += [line for line in text.split("\n") if line.strip()][-1:]
+    for span in spans:
+        label = match_option(span, choices)
+        if label is not None:
+            return label
+    return None
 
 
 def match_option(span: str, choices: list[tuple[str, str]]) -> str | None:
@@ -155,54 +281,38 @@ def match_option(span: str, choices: list[tuple[str, str]]) -> str | None:
     return None
 
 
+def normalize(text: str) -> str:
+    """Lower case, straight quotes, single spaces, no punctuation or markdown at either end."""
+    text = text.lower().replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"')
+    return " ".join(text.split()).strip(" .,:;!?'\"`*()[]{}")
+
+
 def find_words(phrase: str, text: str):
     """Where `phrase` occurs in `text` as whole words (option "4" is not in "14 legs"), or None."""
     return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) if phrase else None
 
 
-def answer_spans(text: str) -> list[str]:
-    """Where the chosen option should be: after the last "answer is" or "Answer:" (to the end of that line, or the
-    next line if that is empty), then the last non-empty line."""
-    spans = []
-    marks = list(ANSWER_MARK.finditer(text))
-    if marks:
-        rest = text[marks[-1].end():].lstrip(" \t:*")
-        lines = [line for line in rest.split("\n") if line.strip(" \t:*")]
-        if lines:
-            spans.append(lines[0])
-    lines = [line for line in text.split("\n") if line.strip()]
-    if lines:
-        spans.append(lines[-1])
-    return spans
-
-
-def extract_choice(text: str, choices: list[tuple[str, str]]) -> str | None:
-    """The label of the ARC option the rationale settles on, or None."""
-    for span in answer_spans(text):
-        label = match_option(span, choices)
-        if label is not None:
-            return label
-    return None
-
-
-def extract_answer(example: data.Example, text: str) -> str | None:
-    """GSM8K: the canonical number; ARC: the chosen option's label."""
-    return extract_choice(text, example.choices) if example.task == "arc" else extract_number(text)
-
-
-def gold(example: data.Example) -> str:
-    return example.label if example.task == "arc" else canonical_number(example.answer)
-
-
-def is_correct(example: data.Example, answer: str | None) -> bool:
-    if example.task == "arc":
-        return answer is not None and answer == example.label
-    return same_number(answer, example.answer)
+OFFICIAL_NUMBER = re.compile(r"-?[\d,]*\.?\d+")  # the official eval_utils.py regex
+OFFICIAL_ARC_ENDS = " :\"'[]()"  # what the official ARC rule strips from the ends of the answer span
 
 
 def official_correct(example: data.Example, text: str) -> bool:
-    """The official eval_utils.py verdict (its rules as summarised above, reimplemented), reported next to ours so
-    that numbers can be compared with the paper's."""
+    """The official eval_utils.py verdict, reimplemented and reported next to ours so that numbers can be compared
+    with the paper's. Where ours departs from it:
+      - GSM8K: the first number after the LAST "The answer is", else the last number in the text. The official code
+        matches "The answer is" case-sensitively with the regex -?[\\d,]*\\.?\\d+; we match it in any case, read
+        "1,080" as one number but "1,2,3" as three, do not read the "-" of "5-3" as a sign, and read a Unicode minus
+        ("−3", U+2212) as one (the official regex reads 3).
+      - ARC: the official code lower-cases the text and the gold and drops the gold's trailing "."; its span is the
+        text after the LAST "the answer is" up to the next ".", with : " ' [ ] ( ) stripped from its two ends (or,
+        with no "the answer is", the last "."-separated fragment once the text's final "." is dropped), and it is
+        right when the gold option text is a substring of the span. So a span naming two options is right whenever
+        one is the gold, "salt water" is right for the gold "water", and a gold with a "." inside ("2.5 m/s") or
+        ending in ")" is never right, even written verbatim (19 of the 1172 test golds). We instead map the answer
+        span to ONE option - by its exact text, then by its label ("(C)", "C.", "option C"), then by the option text
+        inside it - and compare labels. A span that names several options (SmolLM2 writes "The answer is ['...',
+        '...', '...', '...']") names none.
+    """
     if example.task == "gsm8k":
         after = OFFICIAL_NUMBER.findall(text.split("The answer is")[-1]) if "The answer is" in text else []
         numbers = after[:1] or OFFICIAL_NUMBER.findall(text)[-1:]
@@ -217,136 +327,7 @@ def official_correct(example: data.Example, text: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. Scores
-
-
-def majority(answers: list[str | None]) -> str | None:
-    """The most common extracted answer; ties go to the one seen first; unanswered samples do not vote."""
-    votes = Counter(a for a in answers if a is not None)
-    if not votes:
-        return None
-    best = max(votes.values())
-    return next(a for a in answers if votes.get(a) == best)
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% confidence interval for a proportion; unlike p ± 1.96·se it stays inside [0, 1] and works at p = 0 or 1."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def score(correct: int, n: int) -> dict:
-    low, high = wilson_interval(correct, n)
-    return {"correct": correct, "n": n, "accuracy": correct / n if n else 0.0, "ci95": [round(low, 6), round(high, 6)]}
-
-
-def summarize(records: list[dict]) -> dict:
-    """Accuracies (with 95% Wilson intervals) and token counts of a list of per-question records."""
-    n = len(records)
-    metrics = {}
-    if records and "correct" in records[0]:
-        metrics["greedy"] = score(sum(r["correct"] for r in records), n)
-        metrics["greedy_official"] = score(sum(r["official_correct"] for r in records), n)
-    if records and "maj_correct" in records[0]:
-        k = len(records[0]["sample_answers"])
-        metrics[f"maj@{k}"] = score(sum(r["maj_correct"] for r in records), n)
-        metrics[f"pass@{k}"] = score(sum(r["pass_correct"] for r in records), n)
-    headline = metrics["greedy"] if "greedy" in metrics else next(iter(metrics.values()), score(0, 0))
-    return {
-        "n": n,
-        "accuracy": headline["accuracy"],
-        "ci95": headline["ci95"],
-        "metrics": metrics,
-        "no_answer": sum(r.get("answer", "") is None for r in records),
-        "unfinished": sum(not r.get("finished", True) for r in records),  # greedy rationales cut at max_new_tokens
-        "generated_tokens": sum(r.get("tokens", 0) + sum(r.get("sample_tokens", [])) for r in records),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 3. Running the model
-
-
-def decode_rationale(tokenizer, ids: list[int], stop_ids: set[int]) -> tuple[str, bool]:
-    """The generated text without its end-of-turn token, and whether it ended on its own (not at the length cap)."""
-    finished = bool(ids) and ids[-1] in stop_ids
-    return tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True), finished
-
-
-def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, temperature, top_p, seed) -> list[dict]:
-    """One batch of questions: a greedy rationale each and/or `samples` sampled ones; one record per question."""
-    prompts = [data.chat_prompt(tokenizer, ex) for ex in examples]
-    stop_ids = set(model.args.eos_token_ids)
-    records = [{"id": ex.id, "prompt": tokenizer.decode(p), "gold": gold(ex)} for ex, p in zip(examples, prompts)]
-    for ex, record in zip(examples, records):
-        if ex.task == "arc":
-            record["gold_text"] = ex.answer
-    if greedy:
-        outputs = generate(model, prompts, max_new_tokens, temperature=0.0)
-        for ex, record, ids in zip(examples, records, outputs):
-            text, finished = decode_rationale(tokenizer, ids, stop_ids)
-            answer = extract_answer(ex, text)
-            record |= {"rationale": text, "answer": answer, "correct": is_correct(ex, answer),
-                       "official_correct": official_correct(ex, text), "tokens": len(ids), "finished": finished}
-    if samples:
-        outputs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                           num_samples=samples, seed=seed)
-        for i, (ex, record) in enumerate(zip(examples, records)):
-            texts = [decode_rationale(tokenizer, ids, stop_ids)[0] for ids in outputs[i * samples:(i + 1) * samples]]
-            answers = [extract_answer(ex, t) for t in texts]
-            vote = majority(answers)
-            record |= {"sample_rationales": texts, "sample_answers": answers,
-                       "sample_correct": [is_correct(ex, a) for a in answers],
-                       "sample_tokens": [len(ids) for ids in outputs[i * samples:(i + 1) * samples]],
-                       "maj_answer": vote, "maj_correct": is_correct(ex, vote),
-                       "pass_correct": any(is_correct(ex, a) for a in answers)}
-    return records
-
-
-def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samples=0, temperature=1.0, top_p=1.0,
-             seed=0, greedy=True, on_records=None):
-    """Evaluates `model` on `examples`; returns (records in question order, summary). No file I/O.
-
-    greedy: one greedy rationale per question (the paper's main numbers). samples: K sampled rationales per question
-    at `temperature` for maj@K and pass@K (0 = none). When torch.distributed is initialised, each round of
-    world_size × batch_size questions is split across ranks and the records are gathered, so every rank returns the
-    same result as a single process would. The batch starting at question i samples with seed + i, so sampled
-    results do not depend on the number of processes. on_records(new_records) is called on every rank after each
-    round, in question order (the CLI appends them to its results file).
-    """
-    if not greedy and not samples:
-        raise ValueError("evaluate: nothing to do (greedy=False and samples=0)")
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    world = torch.distributed.get_world_size() if distributed else 1
-    was_training = model.training
-    model.eval()
-    start_time, records = time.time(), []
-    for start in range(0, len(examples), batch_size * world):
-        first = start + rank * batch_size
-        mine = examples[first:first + batch_size]
-        new = evaluate_batch(model, tokenizer, mine, max_new_tokens, greedy, samples, temperature, top_p,
-                             seed + first) if mine else []
-        if distributed:  # every rank joins every round, even with no questions left, so the gather cannot hang
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, new)
-            new = [r for part in gathered for r in part]
-        records += new
-        if on_records is not None:
-            on_records(new)
-    model.train(was_training)
-    seconds = time.time() - start_time
-    summary = summarize(records)
-    summary |= {"seconds": seconds, "tokens_per_s": summary["generated_tokens"] / max(seconds, 1e-9)}
-    return records, summary
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 4. Result files
+# 4. Result files: a .jsonl of records, appended to, and a .summary.json holding the settings they were made with
 
 
 def summary_path(out: Path) -> Path:
@@ -356,70 +337,55 @@ def summary_path(out: Path) -> Path:
 def read_jsonl_rows(path, what: str) -> list[tuple[int, dict]]:
     """(line number, object) for each line of a .jsonl file that a run appends to (results here, train.py's
     metrics). A last line cut off mid-write (no newline, not JSON) is dropped; a bad line elsewhere is an error."""
-    rows = []
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
+    rows = []
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
         try:
-            rows.append((number, json.loads(line)))
+            if line.strip():
+                rows.append((number, json.loads(line)))
         except json.JSONDecodeError:
-            if number == len(lines):  # the torn last line of an interrupted run
-                break
-            raise ValueError(f"{path}:{number}: not valid JSON; expected one {what} per line") from None
+            if number < len(lines):  # not the torn last line of an interrupted run
+                raise ValueError(f"{path}:{number}: not valid JSON; expected one {what} per line") from None
     return rows
 
 
 def read_records(path: Path) -> list[dict]:
-    """Records of a results file."""
-    records = []
-    for number, record in read_jsonl_rows(path, "result record"):
+    rows = read_jsonl_rows(path, "result record")
+    for number, record in rows:
         if not isinstance(record, dict) or "id" not in record:
             raise ValueError(f"{path}:{number}: expected a result record with an 'id'")
-        records.append(record)
-    return records
+    return [record for _, record in rows]
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written summary."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def write_json(path: Path, obj) -> None:
+    data.write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())  # a crash never leaves half a summary
 
 
-def check_out_location(out: Path) -> None:
-    """Fails before anything loads if `out` can never be written."""
+def check_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
+    """Ids of the questions already in `out` (none with --overwrite). Runs before anything loads and writes nothing:
+    an error if `out` can never be written, or was written with other settings."""
     if out.is_dir():
         raise ValueError(f"--out {out}: is a directory; expected the path of a .jsonl results file")
-    parent = out.parent
-    while not parent.exists():  # directories still to be created
-        parent = parent.parent
+    parent = next(p for p in out.parents if p.exists())  # the directories below it are still to be created
     if not parent.is_dir():
         raise ValueError(f"--out {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise ValueError(f"--out {out}: not writable (permission denied)")
-
-
-def read_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
-    """Ids of the questions already in `out` (none with --overwrite). Refuses (ValueError) a file written with other
-    settings. Writes nothing."""
     if overwrite or not out.exists():
         return set()
     summary_file = summary_path(out)
+    retry = "choose another --out or pass --overwrite"
     if not summary_file.exists():
-        raise ValueError(f"{out} exists but {summary_file} does not, so its settings are unknown; "
-                         "choose another --out or pass --overwrite")
+        raise ValueError(f"{out} exists but {summary_file} does not, so its settings are unknown; {retry}")
     try:
         previous = json.loads(summary_file.read_text()).get("settings") or {}
     except (json.JSONDecodeError, AttributeError):
-        raise ValueError(f"{summary_file}: not a summary written by eval.py; "
-                         "choose another --out or pass --overwrite") from None
+        raise ValueError(f"{summary_file}: not a summary written by eval.py; {retry}") from None
     if previous != settings:
         differ = ", ".join(f"{k}: {previous.get(k)!r} there, {v!r} now"
                            for k, v in settings.items() if previous.get(k) != v)
-        raise ValueError(f"{out} was written with different settings ({differ}); "
-                         "choose another --out or pass --overwrite")
+        raise ValueError(f"{out} was written with different settings ({differ}); {retry}")
     return {r["id"] for r in read_records(out)}
 
 
@@ -432,10 +398,9 @@ def start_output(out: Path, settings: dict, overwrite: bool) -> None:
             if path.exists():
                 os.replace(path, path.with_name(path.name + ".bak"))  # kept, not deleted: --overwrite can be a typo
         print(f"--overwrite: moved the previous results to {out}.bak")
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(summary_file, {"settings": settings, "complete": False})  # settings first: a crash
-        out.touch()                                                                    # leaves a resumable pair
+    if not out.exists():  # the settings first (write_atomic makes the directory): a crash leaves a resumable pair
+        write_json(summary_file, {"settings": settings, "complete": False})
+        out.touch()
         return
     with open(out, "rb+") as f:  # drop a torn last line, so the next append starts on a fresh line
         body = f.read()
@@ -484,7 +449,85 @@ def compare(path_a: str, path_b: str) -> str:
 # 6. Command line
 
 
+def main(argv=None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        args = parse_args(argv)
+        if args.compare:
+            print(compare(*args.compare))
+            return 0
+        return run(args, rank)
+    except (ValueError, FileNotFoundError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run(args, rank) -> int:
+    out = Path(args.out) if args.out else default_out(args)
+    settings = run_settings(args)
+    device = setup_distributed(args.device)
+    done = on_rank0(rank, lambda: check_output(out, settings, args.overwrite))
+    examples = data.load_dataset(args.dataset, args.split, args.limit)
+    selected = {ex.id for ex in examples}
+    pending = [ex for ex in examples if ex.id not in done]
+    summary_file = summary_path(out)
+    if rank == 0:
+        print(f"{args.model} on {args.dataset} ({settings['split'] or 'file'}): {len(examples)} questions, "
+              f"{len(examples) - len(pending)} already in {out}, {len(pending)} to go", flush=True)
+    if pending:
+        model, tokenizer = load(args.model, device=device)
+        check_context(model, tokenizer, pending, args.max_new_tokens)
+        on_rank0(rank, lambda: start_output(out, settings, args.overwrite))  # inputs loaded: now create outputs
+        start, new_records = time.time(), []
+        so_far = [r for r in read_records(out) if r["id"] in selected] if rank == 0 else []
+
+        def on_records(new):  # rank 0 appends each round to the results file and refreshes the summary
+            with open(out, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+            new_records.extend(new)
+            so_far.extend(new)
+            running, elapsed = summarize(so_far), time.time() - start
+            print(f"  {len(examples) - len(pending) + len(new_records)}/{len(examples)} | accuracy "
+                  f"{running['accuracy']:.1%} | {summarize(new_records)['generated_tokens'] / elapsed:.0f} tok/s | "
+                  f"{elapsed:.0f}s", flush=True)
+            write_json(summary_file, {"settings": settings, "complete": False, **running})
+
+        _, run_summary = evaluate(model, tokenizer, pending, args.max_new_tokens, args.batch_size, args.samples,
+                                  args.temperature, args.top_p, args.seed, greedy=not args.no_greedy,
+                                  on_records=on_records if rank == 0 else None)
+    if rank != 0:
+        return 0
+
+    # Score this run's selection only: the file may hold more questions (an earlier run without --limit).
+    records = read_records(out)
+    scored = [r for r in records if r["id"] in selected]
+    summary = {
+        "model": args.model, "dataset": args.dataset, "split": settings["split"], "settings": settings,
+        "complete": len({r["id"] for r in scored}) == len(selected), "out": str(out),
+    } | summarize(scored)
+    if len(scored) < len(records):
+        summary["outside_selection"] = len(records) - len(scored)
+        print(f"{len(records) - len(scored)} records in {out} are for questions outside this selection "
+              f"(e.g. an earlier run without --limit): kept, not scored")
+    if pending:  # speed of this invocation (a resumed run reports only its own part)
+        summary |= {"new_questions": len(pending), "seconds": round(run_summary["seconds"], 3),
+                    "tokens_per_s": round(run_summary["tokens_per_s"], 1), "batch_size": args.batch_size,
+                    "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+    if pending or json.loads(summary_file.read_text()).get("complete") is not True:  # else it is written already
+        write_json(summary_file, summary)
+    for name, m in summary["metrics"].items():
+        print(f"{name:>16}: {m['correct']}/{m['n']} = {m['accuracy']:.1%} "
+              f"(95% CI {m['ci95'][0]:.1%}-{m['ci95'][1]:.1%})")
+    print(f"results: {out}\nsummary: {summary_file}")
+    return 0
+
+
 def parse_args(argv):
+    """The flags; a bad value is a ValueError that names its flag (argparse itself checks only the types)."""
     p = argparse.ArgumentParser(description="Zero-shot CoT evaluation (greedy, maj@K, pass@K) with the LaTRO protocol.")
     p.add_argument("--model", help="model directory, Hugging Face hub id, or alias (e.g. smollm2-135m)")
     p.add_argument("--dataset", help="gsm8k, arc_challenge, a .jsonl file, or a directory holding {split}.jsonl")
@@ -503,29 +546,24 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="start over even if --out exists (old files kept as .bak)")
     p.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
                    help="paired comparison of two result files instead of evaluating")
-    return p.parse_args(argv)
-
-
-def check_args(args) -> None:
-    if args.compare:
-        return
-    for flag in ("model", "dataset"):
-        if not getattr(args, flag):
-            raise ValueError(f"--{flag} is required (or use --compare A.jsonl B.jsonl)")
-    for flag in ("limit", "max_new_tokens", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-    if args.samples < 0:
-        raise ValueError(f"--samples must be 0 (greedy only) or a positive number of samples, got {args.samples}")
-    if args.samples and not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 with --samples, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.no_greedy and not args.samples:
-        raise ValueError("--no-greedy needs --samples K (otherwise there is nothing to evaluate)")
-    if args.out and not args.out.endswith(".jsonl"):
-        raise ValueError(f"--out must end with .jsonl, got {args.out}")
+    args = p.parse_args(argv)
+    rules = [] if args.compare else [  # (is it broken, the error); --compare uses no other flag
+        (not args.model, "--model is required (or use --compare A.jsonl B.jsonl)"),
+        (not args.dataset, "--dataset is required (or use --compare A.jsonl B.jsonl)"),
+        (args.limit is not None and args.limit < 1, f"--limit must be a positive integer, got {args.limit}"),
+        (args.max_new_tokens < 1, f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}"),
+        (args.batch_size < 1, f"--batch-size must be a positive integer, got {args.batch_size}"),
+        (args.samples < 0, f"--samples must be 0 (greedy only) or a positive number of samples, got {args.samples}"),
+        (args.samples and not args.temperature > 0,
+         f"--temperature must be > 0 with --samples, got {args.temperature}"),
+        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.no_greedy and not args.samples, "--no-greedy needs --samples K (otherwise there is nothing to evaluate)"),
+        (args.out and not args.out.endswith(".jsonl"), f"--out must end with .jsonl, got {args.out}"),
+    ]
+    for broken, error in rules:
+        if broken:
+            raise ValueError(error)
+    return args
 
 
 def run_settings(args) -> dict:
@@ -543,6 +581,17 @@ def default_out(args) -> Path:
     split = "" if args.dataset.endswith(".jsonl") else f"-{args.split}"
     sampled = f"-k{args.samples}-t{args.temperature:g}" if args.samples else ""
     return Path("runs/eval") / f"{model_name}-{dataset_name}{split}{sampled}.jsonl"
+
+
+def check_context(model, tokenizer, examples, max_new_tokens) -> None:
+    """The longest prompt plus max_new_tokens must fit the model's context: generate() allocates a KV cache that
+    long before its first step."""
+    longest, name = max((len(data.chat_prompt(tokenizer, ex)), ex.id) for ex in examples)
+    context = model.args.max_seq_len
+    if longest + max_new_tokens > context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({name}, {longest} tokens) plus "
+                         f"{max_new_tokens} new tokens exceeds the model's context of {context} tokens "
+                         f"(max_position_embeddings); at most {max(context - longest, 0)} new tokens fit")
 
 
 def choose_device(flag: str | None, world: int, local_rank: int, cuda_available: bool) -> str:
@@ -584,106 +633,6 @@ def on_rank0(rank: int, fn):
     if message[0] is not None:
         raise ValueError(message[0])
     return message[1]
-
-
-def check_context(model, tokenizer, examples, max_new_tokens) -> None:
-    """The longest prompt plus max_new_tokens must fit the model's context: generate() allocates a KV cache that
-    long before its first step."""
-    longest, name = max((len(data.chat_prompt(tokenizer, ex)), ex.id) for ex in examples)
-    context = model.args.max_seq_len
-    if longest + max_new_tokens > context:
-        raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({name}, {longest} tokens) plus "
-                         f"{max_new_tokens} new tokens exceeds the model's context of {context} tokens "
-                         f"(max_position_embeddings); at most {max(context - longest, 0)} new tokens fit")
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        check_args(args)
-        if args.compare:
-            print(compare(*args.compare))
-            return 0
-        return run(args, rank)
-    except (ValueError, FileNotFoundError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def run(args, rank) -> int:
-    out = Path(args.out) if args.out else default_out(args)
-    check_out_location(out)
-    examples = data.load_dataset(args.dataset, args.split, args.limit)
-    selected = {ex.id for ex in examples}
-    settings = run_settings(args)
-    device = setup_distributed(args.device)
-    distributed = torch.distributed.is_initialized()
-    done = on_rank0(rank, lambda: read_output(out, settings, args.overwrite))
-    pending = [ex for ex in examples if ex.id not in done]
-    summary_file = summary_path(out)
-
-    def log(text):
-        if rank == 0:
-            print(text, flush=True)
-
-    log(f"{args.model} on {args.dataset} ({settings['split'] or 'file'}): {len(examples)} questions, "
-        f"{len(examples) - len(pending)} already in {out}, {len(pending)} to go")
-    if pending:
-        model, tokenizer = load(args.model, device=device)
-        check_context(model, tokenizer, pending, args.max_new_tokens)
-        on_rank0(rank, lambda: start_output(out, settings, args.overwrite))  # inputs loaded: now create outputs
-        start, counts = time.time(), {"done": len(examples) - len(pending), "new_tokens": 0}
-        previous = [r for r in read_records(out) if r["id"] in selected] if rank == 0 else []  # running accuracy
-
-        def on_records(new):
-            if rank != 0:
-                return
-            with open(out, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
-                f.flush()
-            previous.extend(new)
-            counts["done"] += len(new)
-            counts["new_tokens"] += summarize(new)["generated_tokens"]
-            running = summarize(previous)
-            elapsed = time.time() - start
-            log(f"  {counts['done']}/{len(examples)} | accuracy {running['accuracy']:.1%} | "
-                f"{counts['new_tokens'] / elapsed:.0f} tok/s | {elapsed:.0f}s")
-            write_json_atomic(summary_file, {"settings": settings, "complete": False, **running})
-
-        _, run_summary = evaluate(model, tokenizer, pending, args.max_new_tokens, args.batch_size, args.samples,
-                                  args.temperature, args.top_p, args.seed, greedy=not args.no_greedy,
-                                  on_records=on_records)
-    if rank != 0:
-        return 0
-
-    # Score this run's selection only: the file may hold more questions (an earlier run without --limit).
-    records = read_records(out)
-    scored = [r for r in records if r["id"] in selected]
-    summary = {
-        "model": args.model, "dataset": args.dataset, "split": settings["split"], "settings": settings,
-        "complete": len({r["id"] for r in scored}) == len(selected), "out": str(out),
-    } | summarize(scored)
-    if len(scored) < len(records):
-        summary["outside_selection"] = len(records) - len(scored)
-        log(f"{len(records) - len(scored)} records in {out} are for questions outside this selection "
-            f"(e.g. an earlier run without --limit): kept, not scored")
-    if pending:  # speed of this invocation (a resumed run reports only its own part)
-        summary |= {"new_questions": len(pending), "seconds": round(run_summary["seconds"], 3),
-                    "tokens_per_s": round(run_summary["tokens_per_s"], 1), "batch_size": args.batch_size,
-                    "world_size": torch.distributed.get_world_size() if distributed else 1}
-        write_json_atomic(summary_file, summary)
-    elif json.loads(summary_file.read_text()).get("complete") is not True:
-        write_json_atomic(summary_file, summary)  # finished earlier but the final summary was never written
-    for name, m in summary["metrics"].items():
-        log(f"{name:>16}: {m['correct']}/{m['n']} = {m['accuracy']:.1%} "
-            f"(95% CI {m['ci95'][0]:.1%}-{m['ci95'][1]:.1%})")
-    log(f"results: {out}\nsummary: {summary_file}")
-    return 0
 
 
 if __name__ == "__main__":
