@@ -178,11 +178,14 @@ def span_logprobs(model, tokens, prompt_end, rationale_end, answer_end, temperat
 
 
 def micro_batches(rollout, size):
-    """Slices of rows, each trimmed to its longest row (right padding past that is never read)."""
-    for i in range(0, rollout.tokens.shape[0], size):
-        end = rollout.answer_end[i:i + size]
-        yield (rollout.tokens[i:i + size, :int(end.max())], rollout.prompt_end[i:i + size],
-               rollout.rationale_end[i:i + size], end, slice(i, i + size))
+    """Groups of `size` rows of similar length, each trimmed to its longest row (right padding past that is never
+    read): the rows are taken longest first, so a short rationale is not padded to a long one's length.
+    Yields (tokens, prompt_end, rationale_end, answer_end, rows), rows being the (n,) indices into the rollout."""
+    order = torch.argsort(rollout.answer_end, descending=True, stable=True)
+    for i in range(0, order.numel(), size):
+        rows = order[i:i + size]
+        end = rollout.answer_end[rows]
+        yield (rollout.tokens[rows, :int(end[0])], rollout.prompt_end[rows], rollout.rationale_end[rows], end, rows)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -221,11 +224,12 @@ def compute_advantages(policy, reference, ro, cfg, correct=None, progress=None):
     n = ro.tokens.shape[0]
     logp, reward, logp_ref = (torch.zeros(n, device=ro.tokens.device) for _ in range(3))
     batches = list(micro_batches(ro, cfg.micro_batch_size))
-    for j, (toks, p, r, a, sl) in enumerate(batches):
-        logp[sl], reward[sl] = span_logprobs(policy, toks, p, r, a, cfg.temperature)  # log pi(z|x), R = log pi(y|x,z)
-        logp_ref[sl] = token_logprobs(reference, toks, p, r, cfg.temperature).sum(1)  # log pi_ref(z|x)
+    for j, (toks, p, r, a, rows) in enumerate(batches):
+        logp[rows], reward[rows] = span_logprobs(policy, toks, p, r, a, cfg.temperature)  # log pi(z|x), R=log pi(y|x,z)
+        logp_ref[rows] = token_logprobs(reference, toks, p, r, cfg.temperature).sum(1)  # log pi_ref(z|x)
         if progress is not None:
-            progress("score", done=j + 1, total=len(batches), rows_finished=min(sl.stop, n), rows=n, tokens=0)
+            progress("score", done=j + 1, total=len(batches), rows_finished=min((j + 1) * cfg.micro_batch_size, n),
+                     rows=n, tokens=0)
     if cfg.reward == "exact":                   # the ablation: R = 1[stated answer == gold], 0 if z never stopped
         reward = (torch.as_tensor(correct, device=reward.device) & ro.stopped).float()
     penalised = reward
@@ -255,12 +259,13 @@ def backward_on_rollout(policy, ro, advantages, cfg, before_forward=None, progre
     n = ro.tokens.shape[0]
     sums = torch.zeros(3, device=ro.tokens.device, dtype=torch.float64)  # loss, pg, answer: one host sync at the end
     batches = list(micro_batches(ro, cfg.micro_batch_size))
-    for j, (toks, p, r, a, sl) in enumerate(batches):
+    for j, (toks, p, r, a, rows) in enumerate(batches):
         if before_forward is not None:
             before_forward(j == len(batches) - 1)
-        sums += torch.stack(backward_micro_batch(policy, toks, p, r, a, advantages[sl], cfg, n))
+        sums += torch.stack(backward_micro_batch(policy, toks, p, r, a, advantages[rows], cfg, n))
         if progress is not None:
-            progress("train", done=j + 1, total=len(batches), rows_finished=min(sl.stop, n), rows=n, tokens=0)
+            progress("train", done=j + 1, total=len(batches), rows_finished=min((j + 1) * cfg.micro_batch_size, n),
+                     rows=n, tokens=0)
     loss, pg, answer = sums.tolist()
     return {"loss": loss, "loss_pg": pg, "loss_answer": answer}
 
