@@ -17,10 +17,10 @@ Read top to bottom:
 RoPE convention: Hugging Face's "rotate_half" (the two halves of each head dimension form the pairs). HF
 checkpoints store q/k in exactly that layout, so no permutation is needed - and none is done.
 """
-import glob
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
@@ -735,6 +735,7 @@ def resolve(name_or_path):
 
 
 def _checkpoint_files(directory):
+    """The safetensors files of a checkpoint: the shards its index lists, or the single model.safetensors."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
         weight_map = _read_json(index).get("weight_map")
@@ -742,28 +743,25 @@ def _checkpoint_files(directory):
             raise ValueError(f"{index}: expected a 'weight_map' object")
         return sorted({os.path.join(directory, f) for f in weight_map.values()})
     single = os.path.join(directory, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    found = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if found:
-        return found
-    raise FileNotFoundError(f"{single}: missing (expected model.safetensors or model.safetensors.index.json; "
-                            f".bin/.pth checkpoints are not loaded because they would be unpickled)")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"{single}: missing (expected model.safetensors or model.safetensors.index.json; "
+                                f".bin/.pth checkpoints are not loaded because they would be unpickled)")
+    return [single]
 
 
 def _hf_to_ours(name, tensor, args):
-    """One checkpoint tensor -> [(our parameter name, tensor)]; Phi-3's fused projections are split here."""
-    name = name[len("model."):] if name.startswith("model.") else name
+    """One checkpoint tensor -> {our parameter name: tensor}; Phi-3's fused projections are split here."""
+    name = name.removeprefix("model.")
     if name.endswith("self_attn.qkv_proj.weight"):
         q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        prefix = name[:-len("qkv_proj.weight")]
-        return [(prefix + "q_proj.weight", tensor[:q]), (prefix + "k_proj.weight", tensor[q:q + kv]),
-                (prefix + "v_proj.weight", tensor[q + kv:])]
+        prefix = name.removesuffix("qkv_proj.weight")
+        return {prefix + "q_proj.weight": tensor[:q], prefix + "k_proj.weight": tensor[q:q + kv],
+                prefix + "v_proj.weight": tensor[q + kv:]}
     if name.endswith("mlp.gate_up_proj.weight"):
         gate, up = tensor.chunk(2, dim=0)  # Phi-3 stores [gate; up]
-        prefix = name[:-len("gate_up_proj.weight")]
-        return [(prefix + "gate_proj.weight", gate), (prefix + "up_proj.weight", up)]
-    return [(name, tensor)]
+        prefix = name.removesuffix("gate_up_proj.weight")
+        return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up}
+    return {name: tensor}
 
 
 def _hf_key(name):
@@ -778,54 +776,51 @@ def _ours_to_hf(state, args):
         if args.model_type == "phi3" and name.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
             continue
         if args.model_type == "phi3" and name.endswith("q_proj.weight"):
-            p = name[:-len("q_proj.weight")]
+            p = name.removesuffix("q_proj.weight")
             name, t = p + "qkv_proj.weight", torch.cat([t, state[p + "k_proj.weight"], state[p + "v_proj.weight"]])
         elif args.model_type == "phi3" and name.endswith("gate_proj.weight"):
-            p = name[:-len("gate_proj.weight")]
+            p = name.removesuffix("gate_proj.weight")
             name, t = p + "gate_up_proj.weight", torch.cat([t, state[p + "up_proj.weight"]])
         out[_hf_key(name)] = t.contiguous()
     return out
 
 
-def load_state(directory, model, device, dtype):
-    """Reads every safetensors file into `model`'s parameters (assigned: a meta-device model gets real tensors)."""
-    model.load_state_dict(read_state(directory, model, device, dtype), strict=True, assign=True)
-
-
-def read_state(directory, model, device, dtype):
-    """Reads every safetensors file into a state dict with `model`'s parameter names, strictly: missing or
-    unexpected keys and wrong shapes are errors naming the file. `model` only provides names and shapes (it may be
-    on the meta device, or sharded: a DTensor's shape is the whole tensor's)."""
+def _read_checkpoint(directory, args, device, dtype):
+    """Every tensor of the checkpoint in `dtype` on `device`, under our parameter names. Names and shapes are not
+    checked here: load_state_dict does that (_assign)."""
     from safetensors import safe_open
-    expected = {k: v for k, v in model.state_dict().items()}
-    state, source = {}, {}
+    state = {}
     for path in _checkpoint_files(directory):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: missing (listed in model.safetensors.index.json)")
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    if "rotary_emb.inv_freq" in key:  # old checkpoints stored the RoPE table; we recompute it
-                        continue
-                    for name, t in _hf_to_ours(key, f.get_tensor(key), model.args):
-                        if name == "lm_head.weight" and model.args.tie_embeddings:
-                            continue  # some tied checkpoints also store the copy
-                        if name not in expected:
-                            raise ValueError(f"{path}: unexpected tensor {key!r} for a {model.args.model_type} "
-                                             f"model with this config.json")
-                        if tuple(t.shape) != tuple(expected[name].shape):
-                            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected "
-                                             f"{tuple(expected[name].shape)} from config.json")
-                        state[name], source[name] = t.to(dtype), path
-        except (ValueError, FileNotFoundError):
-            raise
+                    state.update(_hf_to_ours(key, f.get_tensor(key).to(dtype), args))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing (listed in model.safetensors.index.json)") from None
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             msg = (str(e).splitlines() or [type(e).__name__])[0]
             raise ValueError(f"{path}: not a readable safetensors file ({msg})") from None
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {_hf_key(missing[0])!r}")
+    if args.tie_embeddings:
+        state.pop("lm_head.weight", None)  # some tied checkpoints also store the copy; we have no lm_head
     return state
+
+
+def _assign(model, state, directory):
+    """model.load_state_dict(strict=True, assign=True): PyTorch checks every name and shape, and a meta-device model
+    takes the tensors themselves (never two copies). torch's error lists every problem; ours is one line naming the
+    first, under its checkpoint name."""
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        # torch's lines after the header: 'Missing key(s) in state_dict: "a", "b".', 'Unexpected key(s) ...' or
+        # 'size mismatch for c: copying a param with shape ... from checkpoint, the shape in current model is ...'
+        problem = str(e).splitlines()[1].strip()
+        m = re.match(r'(Missing|Unexpected) key\(s\) in state_dict: "([^"]+)"|size mismatch for ([^:]+): (.*)', problem)
+        if m and m[3]:
+            problem = f"tensor {_hf_key(m[3])!r}: {m[4]}"
+        elif m:
+            problem = f"{m[1].lower()} tensor {_hf_key(m[2])!r}"
+        raise ValueError(f"{directory}: the checkpoint does not match its config.json: {problem}") from None
 
 
 def load(name_or_path, device=None, dtype=None):
@@ -834,14 +829,14 @@ def load(name_or_path, device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, tokenizer, directory = build_on_meta(name_or_path)
-    load_state(directory, model, device, dtype)
-    model.rope.reset(device)
+    _assign(model, _read_checkpoint(directory, model.args, device, dtype), directory)
+    model.rope.reset(device)  # RoPE's tables are non-persistent buffers: not in the checkpoint, still on meta
     return model.eval(), tokenizer
 
 
 def build_on_meta(name_or_path):
     """The model of a checkpoint, built on the meta device (shapes, no memory), its tokenizer and the local directory
-    holding its weights (read them with read_state / load_state)."""
+    holding its weights (read them with read_state)."""
     directory = resolve(name_or_path)
     config_path = os.path.join(directory, "config.json")
     config = _read_json(config_path)
@@ -859,6 +854,17 @@ def build_on_meta(name_or_path):
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned: never two copies
         model = Transformer(args, config)
     return model, tokenizer, directory
+
+
+def read_state(directory, model, device, dtype):
+    """The checkpoint as a state dict with `model`'s parameter names, in `dtype` on `device`, for a model that cannot
+    take the tensors itself (train.py: FSDP-sharded; rank 0 reads, then broadcasts). Checked as load() checks: a
+    meta-device twin built from model.args takes them, so PyTorch checks every name and shape."""
+    state = _read_checkpoint(directory, model.args, device, dtype)
+    with torch.device("meta"):
+        twin = Transformer(model.args)
+    _assign(twin, state, directory)
+    return state
 
 
 def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
