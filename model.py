@@ -64,39 +64,38 @@ class ModelArgs:
     eos_token_ids: list = field(default_factory=list)  # every end-of-turn id (Llama 3.1 has three)
 
     @classmethod
-    def from_hf_config(cls, cfg, source="config.json"):
+    def from_hf_config(cls, hf_config, source="config.json"):
         """Reads a Hugging Face config.json dict. Fails with one line naming the field for anything we would
         silently get wrong."""
-        mt = cfg.get("model_type")
+        get = hf_config.get
+        mt = get("model_type")
         if mt not in SUPPORTED_TYPES:
             raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (expected 'silu')")
+        if get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {get('hidden_act')!r} is not supported (expected 'silu')")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(cfg.get(key), int):
-                raise ValueError(f"{source}: field {key!r} must be an integer, got {cfg.get(key)!r}")
-        n_heads = cfg["num_attention_heads"]
-        max_pos = cfg.get("max_position_embeddings", 4096)
-        # A sliding window changes attention only for sequences longer than the window.
-        window = cfg.get("sliding_window")
-        if mt == "qwen2" and not cfg.get("use_sliding_window", False):
-            window = None
+            if not isinstance(get(key), int):
+                raise ValueError(f"{source}: field {key!r} must be an integer, got {get(key)!r}")
+        n_heads, max_pos = hf_config["num_attention_heads"], get("max_position_embeddings", 4096)
+        # A sliding window changes attention only for sequences longer than the window. (Qwen2 configs carry a
+        # window that use_sliding_window switches off.)
+        window = get("sliding_window") if mt != "qwen2" or get("use_sliding_window") else None
         if window is not None and window < max_pos:
             raise ValueError(f"{source}: sliding_window={window} < max_position_embeddings={max_pos} is not "
                              f"supported (only full attention; expected sliding_window null or >= {max_pos})")
-        rope_theta, scaling = _rope_config(cfg, source)
-        partial = cfg.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
+        rope_theta, scaling = _rope_config(hf_config, source)
+        partial = get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
         if partial != 1.0:
             raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (expected 1.0)")
-        attention_bias = bool(cfg.get("attention_bias", False))
+        attention_bias = bool(get("attention_bias", False))
         return cls(
-            model_type=mt, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads, ffn_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            model_type=mt, vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
+            n_heads=n_heads, n_kv_heads=get("num_key_value_heads") or n_heads,
+            head_dim=get("head_dim") or get("hidden_size") // n_heads, ffn_dim=get("intermediate_size"),
+            norm_eps=get("rms_norm_eps", 1e-5), tie_embeddings=bool(get("tie_word_embeddings", False)),
             qkv_bias=mt == "qwen2" or attention_bias, o_bias=mt != "qwen2" and attention_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)), max_seq_len=max_pos, rope_theta=rope_theta,
-            rope_scaling=scaling, eos_token_ids=_as_list(cfg.get("eos_token_id")),
+            mlp_bias=bool(get("mlp_bias", False)), max_seq_len=max_pos, rope_theta=rope_theta,
+            rope_scaling=scaling, eos_token_ids=_as_list(get("eos_token_id")),
         )
 
 
@@ -104,12 +103,12 @@ def _as_list(x):
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _rope_config(cfg, source):
+def _rope_config(hf_config, source):
     """RoPE settings from either the classic keys (rope_theta, rope_scaling) or the newer rope_parameters."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = dict(cfg.get("rope_scaling") or {})
+    params = dict(hf_config.get("rope_parameters") or {})
+    scaling = dict(hf_config.get("rope_scaling") or {})
     scaling.update(params)
-    theta = scaling.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+    theta = scaling.pop("rope_theta", None) or hf_config.get("rope_theta") or 10000.0
     kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
     if kind == "su":  # Phi-3's early name for longrope
@@ -117,7 +116,7 @@ def _rope_config(cfg, source):
     if kind not in SUPPORTED_ROPE:
         raise ValueError(f"{source}: rope type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE)})")
     if kind == "longrope":
-        scaling.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+        scaling.setdefault("original_max_position_embeddings", hf_config.get("original_max_position_embeddings"))
         for key in ("short_factor", "long_factor", "original_max_position_embeddings"):
             if scaling.get(key) is None:
                 raise ValueError(f"{source}: longrope scaling needs field {key!r}")
@@ -279,10 +278,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args, config=None):
+    def __init__(self, args, hf_config=None):
         super().__init__()
         self.args = args
-        self.config = config or {}  # the raw config.json, written back unchanged on save
+        self.hf_config = hf_config or {}  # the raw config.json, written back unchanged on save
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -328,11 +327,11 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Scoring: log p(target) = logit[target]/T - logsumexp(logits/T), chunk by chunk
+# 4. Scoring: log p(target) = logit[target]/tau - logsumexp(logits/tau), chunk by chunk (tau: the temperature)
 
 class FusedLogProbs(torch.autograd.Function):
     """lm_head + fp32 log-softmax + gather for N rows, `chunk` rows at a time. Only (chunk, V) logits exist at
-    once; backward recomputes them instead of saving them. d logp / d logits = (onehot - softmax) / T.
+    once; backward recomputes them instead of saving them. d logp / d logits = (onehot - softmax) / temperature.
 
     Backward recomputes the logits under the autocast state the forward ran in (what torch.amp.custom_fwd /
     custom_bwd do, for whichever device the tensors are on): a backward called outside autocast would otherwise
@@ -359,16 +358,16 @@ class FusedLogProbs(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad):
         h, weight, targets = ctx.saved_tensors
-        T, chunk = ctx.temperature, ctx.chunk
+        tau, chunk = ctx.temperature, ctx.chunk
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for i in range(0, h.shape[0], chunk):
             hc, g = h[i:i + chunk], grad[i:i + chunk]
             logits = F.linear(hc, weight)                                               # (c, V) recomputed
             mm_dtype = logits.dtype                                                     # bf16 under autocast
-            dlogits = logits.float().div_(T).softmax(-1).mul_(-g[:, None] / T)  # in place: one fp32 (c, V) buffer
+            dlogits = logits.float().div_(tau).softmax(-1).mul_(-g[:, None] / tau)  # in place: one fp32 (c, V) buffer
             del logits
-            dlogits.scatter_add_(1, targets[i:i + chunk, None], g[:, None] / T)
+            dlogits.scatter_add_(1, targets[i:i + chunk, None], g[:, None] / tau)
             dlogits = dlogits.to(mm_dtype)
             if grad_h is not None:
                 grad_h[i:i + chunk] = dlogits @ weight                                  # (c, dim)
@@ -601,9 +600,10 @@ class Tokenizer:
         except Exception as e:
             raise ValueError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
         self.directory = directory
-        cfg = _read_json(os.path.join(directory, "tokenizer_config.json"), default={})
+        tok_config = _read_json(os.path.join(directory, "tokenizer_config.json"), default={})
         special = _read_json(os.path.join(directory, "special_tokens_map.json"), default={})
-        self.special = {k: _token_text(cfg.get(k) or special.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.special = {k: _token_text(tok_config.get(k) or special.get(k))
+                        for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         self.bos_id = self.token_to_id(self.special["bos_token"])
         self.pad_id = self.token_to_id(self.special["pad_token"])
         eos = self.token_to_id(self.special["eos_token"])
@@ -616,9 +616,9 @@ class Tokenizer:
         with_special = self.tk.encode("a", add_special_tokens=True).ids
         post_processor_adds_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] and \
             self.tk.encode("a", add_special_tokens=False).ids[:1] != [self.bos_id]
-        self.add_bos = cfg.get("add_bos_token", post_processor_adds_bos)
-        self.add_eos = cfg.get("add_eos_token", False)
-        template = cfg.get("chat_template")
+        self.add_bos = tok_config.get("add_bos_token", post_processor_adds_bos)
+        self.add_eos = tok_config.get("add_eos_token", False)
+        template = tok_config.get("chat_template")
         if isinstance(template, list):  # several named templates: use the default one
             template = {t["name"]: t["template"] for t in template}.get("default")
         jinja_path = os.path.join(directory, "chat_template.jinja")
@@ -839,8 +839,8 @@ def build_on_meta(name_or_path):
     holding its weights (read them with read_state)."""
     directory = resolve(name_or_path)
     config_path = os.path.join(directory, "config.json")
-    config = _read_json(config_path)
-    args = ModelArgs.from_hf_config(config, config_path)
+    hf_config = _read_json(config_path)
+    args = ModelArgs.from_hf_config(hf_config, config_path)
     tokenizer = Tokenizer(directory)
     for i in tokenizer.eos_ids:  # end-of-turn ids from every file that lists them
         if i not in args.eos_token_ids:
@@ -852,7 +852,7 @@ def build_on_meta(name_or_path):
         raise ValueError(f"{directory}: no end-of-sequence token (expected eos_token_id in config.json or "
                          "generation_config.json, or eos_token in tokenizer_config.json)")
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned: never two copies
-        model = Transformer(args, config)
+        model = Transformer(args, hf_config)
     return model, tokenizer, directory
 
 
@@ -896,10 +896,10 @@ def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
         total = sum(t.numel() * t.element_size() for t in state.values())
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config = dict(model.config)
-    config["torch_dtype"] = config["dtype"] = str(dtype).replace("torch.", "")  # older and newer transformers' key
+    hf_config = dict(model.hf_config)
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype).replace("torch.", "")  # older and newer transformers' key
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(hf_config, f, indent=2)
     for name in Tokenizer.FILES:
         src = os.path.join(tokenizer.directory, name)
         if os.path.isfile(src):
