@@ -37,7 +37,12 @@ ALIASES = {  # short names for the paper's models and CPU-sized ones
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
 }
 SUPPORTED_TYPES = ("llama", "mistral", "phi3", "qwen2")
-SUPPORTED_ROPE = ("default", "linear", "llama3", "longrope")
+ROPE_FIELDS = {  # the rope types we support, and the fields each needs
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,27 +110,16 @@ def _as_list(x):
 
 def _rope_config(hf_config, source):
     """RoPE settings from either the classic keys (rope_theta, rope_scaling) or the newer rope_parameters."""
-    params = dict(hf_config.get("rope_parameters") or {})
-    scaling = dict(hf_config.get("rope_scaling") or {})
-    scaling.update(params)
+    scaling = {**(hf_config.get("rope_scaling") or {}), **(hf_config.get("rope_parameters") or {})}
     theta = scaling.pop("rope_theta", None) or hf_config.get("rope_theta") or 10000.0
-    kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-    scaling.pop("type", None)
-    if kind == "su":  # Phi-3's early name for longrope
-        kind = "longrope"
-    if kind not in SUPPORTED_ROPE:
-        raise ValueError(f"{source}: rope type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE)})")
-    if kind == "longrope":
+    kind = scaling.pop("rope_type", scaling.pop("type", None)) or "default"  # "type": the older key; drop both
+    if kind not in ROPE_FIELDS:
+        raise ValueError(f"{source}: rope type {kind!r} is not supported (supported: {', '.join(ROPE_FIELDS)})")
+    if kind == "longrope":  # Phi-3 configs keep the original context length at the top level
         scaling.setdefault("original_max_position_embeddings", hf_config.get("original_max_position_embeddings"))
-        for key in ("short_factor", "long_factor", "original_max_position_embeddings"):
-            if scaling.get(key) is None:
-                raise ValueError(f"{source}: longrope scaling needs field {key!r}")
-    if kind == "llama3":
-        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if scaling.get(key) is None:
-                raise ValueError(f"{source}: llama3 rope scaling needs field {key!r}")
-    if kind == "linear" and scaling.get("factor") is None:
-        raise ValueError(f"{source}: linear rope scaling needs field 'factor'")
+    for key in ROPE_FIELDS[kind]:
+        if scaling.get(key) is None:
+            raise ValueError(f"{source}: {kind} rope scaling needs field {key!r}")
     return float(theta), ({} if kind == "default" else {"rope_type": kind, **scaling})
 
 
