@@ -12,7 +12,8 @@ Read top to bottom:
                     batched decoding with per-row positions and masks derived from lengths.
   6. Tokenizer    - `tokenizers` on tokenizer.json, BOS/EOS rules from tokenizer_config.json, chat template
                     rendered with jinja2.
-  7. load / save  - local directory, hub id or alias; safetensors only (never unpickles); HF layout on save.
+  7. load / save  - local directory, hub id or alias; safetensors only (never unpickles); PyTorch's strict
+                    load_state_dict checks every name and shape; HF layout on save.
 
 RoPE convention: Hugging Face's "rotate_half" (the two halves of each head dimension form the pairs). HF
 checkpoints store q/k in exactly that layout, so no permutation is needed - and none is done.
@@ -137,7 +138,8 @@ def rope_frequencies(args):
     if kind == "linear":
         return inv_freq / s["factor"], None, 1.0
     if kind == "llama3":  # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between
-        factor, lo, hi, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        orig = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > orig / lo, inv_freq / factor, inv_freq)
         smooth = (orig / wavelen - lo) / (hi - lo)
@@ -764,19 +766,14 @@ def _hf_key(name):
 
 
 def _ours_to_hf(state, args):
-    """Our state dict -> checkpoint names (re-fusing Phi-3's projections so transformers and vLLM load it)."""
-    out = {}
-    for name, t in state.items():
-        if args.model_type == "phi3" and name.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
-            continue
-        if args.model_type == "phi3" and name.endswith("q_proj.weight"):
-            p = name.removesuffix("q_proj.weight")
-            name, t = p + "qkv_proj.weight", torch.cat([t, state[p + "k_proj.weight"], state[p + "v_proj.weight"]])
-        elif args.model_type == "phi3" and name.endswith("gate_proj.weight"):
-            p = name.removesuffix("gate_proj.weight")
-            name, t = p + "gate_up_proj.weight", torch.cat([t, state[p + "up_proj.weight"]])
-        out[_hf_key(name)] = t.contiguous()
-    return out
+    """Our state dict -> checkpoint names, Phi-3's projections fused again (transformers and vLLM expect them so)."""
+    state = dict(state)
+    if args.model_type == "phi3":
+        for i in range(args.n_layers):
+            attn, mlp = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+            state[attn + "qkv_proj.weight"] = torch.cat([state.pop(f"{attn}{x}_proj.weight") for x in "qkv"])
+            state[mlp + "gate_up_proj.weight"] = torch.cat([state.pop(f"{mlp}{x}_proj.weight") for x in ("gate", "up")])
+    return {_hf_key(name): t.contiguous() for name, t in state.items()}
 
 
 def _read_checkpoint(directory, args, device, dtype):
@@ -836,12 +833,10 @@ def build_on_meta(name_or_path):
     hf_config = _read_json(config_path)
     args = ModelArgs.from_hf_config(hf_config, config_path)
     tokenizer = Tokenizer(directory)
-    for i in tokenizer.eos_ids:  # end-of-turn ids from every file that lists them
-        if i not in args.eos_token_ids:
-            args.eos_token_ids.append(i)
-    for i in args.eos_token_ids:  # config.json's ids count for the tokenizer too (it appends y's end-of-turn)
-        if i not in tokenizer.eos_ids:
-            tokenizer.eos_ids.append(i)
+    # End-of-turn ids from every file that lists them count for both: the model stops sampling at them, and the
+    # tokenizer appends y's end-of-turn. Each keeps its own ids first (dict.fromkeys: ordered, no repeats).
+    args.eos_token_ids = list(dict.fromkeys(args.eos_token_ids + tokenizer.eos_ids))
+    tokenizer.eos_ids = list(dict.fromkeys(tokenizer.eos_ids + args.eos_token_ids))
     if not args.eos_token_ids:  # sampling would never stop and y would have no end-of-turn token: fail now
         raise ValueError(f"{directory}: no end-of-sequence token (expected eos_token_id in config.json or "
                          "generation_config.json, or eos_token in tokenizer_config.json)")
