@@ -886,7 +886,7 @@ def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     hf_config = dict(model.hf_config)
-    hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype).replace("torch.", "")  # older and newer transformers' key
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype).removeprefix("torch.")  # older and newer key
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     for name in Tokenizer.FILES:
