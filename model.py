@@ -132,7 +132,8 @@ def rope_frequencies(args):
     factor longrope multiplies cos/sin by. Computed exactly as transformers does, in fp32, for bitwise-close
     parity at positions past 8192."""
     d = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    base = args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)    # (head_dim/2,)
+    inv_freq = 1.0 / base
     s = args.rope_scaling
     kind = s.get("rope_type", "default")
     if kind == "linear":
@@ -152,9 +153,7 @@ def rope_frequencies(args):
         attn = s.get("attention_factor")
         if attn is None:
             attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-        base = args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
-        short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * base)
-        long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * base)
+        short, long = (1.0 / (torch.tensor(s[k], dtype=torch.float32) * base) for k in ("short_factor", "long_factor"))
         return short, long, attn
     return inv_freq, None, 1.0
 
@@ -602,12 +601,9 @@ class Tokenizer:
                         for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         self.bos_id = self.token_to_id(self.special["bos_token"])
         self.pad_id = self.token_to_id(self.special["pad_token"])
-        eos = self.token_to_id(self.special["eos_token"])
-        self.eos_ids = [] if eos is None else [eos]
         gen = _read_json(os.path.join(directory, "generation_config.json"), default={})
-        for i in _as_list(gen.get("eos_token_id")):
-            if i not in self.eos_ids:
-                self.eos_ids.append(i)
+        eos = _as_list(self.token_to_id(self.special["eos_token"])) + _as_list(gen.get("eos_token_id"))
+        self.eos_ids = list(dict.fromkeys(eos))  # in order, without repeats
         # BOS: tokenizer_config's add_bos_token wins; otherwise whatever tokenizer.json's post-processor does.
         with_special = self.tk.encode("a", add_special_tokens=True).ids
         post_processor_adds_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] and \
