@@ -744,13 +744,13 @@ def _checkpoint_files(directory):
 def _hf_to_ours(name, tensor, args):
     """One checkpoint tensor -> {our parameter name: tensor}; Phi-3's fused projections are split here."""
     name = name.removeprefix("model.")
-    if name.endswith("self_attn.qkv_proj.weight"):
+    if name.endswith("self_attn.qkv_proj.weight"):  # Phi-3 stores [q; k; v]: (q + 2 * kv, dim)
         q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         prefix = name.removesuffix("qkv_proj.weight")
         return {prefix + "q_proj.weight": tensor[:q], prefix + "k_proj.weight": tensor[q:q + kv],
                 prefix + "v_proj.weight": tensor[q + kv:]}
     if name.endswith("mlp.gate_up_proj.weight"):
-        gate, up = tensor.chunk(2, dim=0)  # Phi-3 stores [gate; up]
+        gate, up = tensor.chunk(2, dim=0)  # Phi-3 stores [gate; up]: (2 * ffn_dim, dim)
         prefix = name.removesuffix("gate_up_proj.weight")
         return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up}
     return {name: tensor}
@@ -781,7 +781,8 @@ def _read_checkpoint(directory, args, device, dtype):
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    state.update(_hf_to_ours(key, f.get_tensor(key).to(dtype), args))
+                    for name, t in _hf_to_ours(key, f.get_tensor(key), args).items():
+                        state[name] = t.to(dtype)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: missing (listed in model.safetensors.index.json)") from None
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
