@@ -82,7 +82,7 @@ class ModelArgs:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(get(key), int):
                 raise ValueError(f"{source}: field {key!r} must be an integer, got {get(key)!r}")
-        n_heads, max_pos = hf_config["num_attention_heads"], get("max_position_embeddings", 4096)
+        n_heads, max_pos = get("num_attention_heads"), get("max_position_embeddings", 4096)
         # A sliding window changes attention only for sequences longer than the window. (Qwen2 configs carry a
         # window that use_sliding_window switches off.)
         window = get("sliding_window") if mt != "qwen2" or get("use_sliding_window") else None
