@@ -12,16 +12,17 @@ Read top to bottom:
                     batched decoding with per-row positions and masks derived from lengths.
   6. Tokenizer    - `tokenizers` on tokenizer.json, BOS/EOS rules from tokenizer_config.json, chat template
                     rendered with jinja2.
-  7. load / save  - local directory, hub id or alias; safetensors only (never unpickles); HF layout on save.
+  7. load / save  - local directory, hub id or alias; safetensors only (never unpickles); PyTorch's strict
+                    load_state_dict checks every name and shape; HF layout on save.
 
 RoPE convention: Hugging Face's "rotate_half" (the two halves of each head dimension form the pairs). HF
 checkpoints store q/k in exactly that layout, so no permutation is needed - and none is done.
 """
 import functools
-import glob
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
@@ -38,7 +39,12 @@ ALIASES = {  # short names for the paper's models and CPU-sized ones
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
 }
 SUPPORTED_TYPES = ("llama", "mistral", "phi3", "qwen2")
-SUPPORTED_ROPE = ("default", "linear", "llama3", "longrope")
+ROPE_FIELDS = {  # the rope types we support, and the fields each needs
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,39 +71,38 @@ class ModelArgs:
     eos_token_ids: list = field(default_factory=list)  # every end-of-turn id (Llama 3.1 has three)
 
     @classmethod
-    def from_hf_config(cls, cfg, source="config.json"):
+    def from_hf_config(cls, hf_config, source="config.json"):
         """Reads a Hugging Face config.json dict. Fails with one line naming the field for anything we would
         silently get wrong."""
-        mt = cfg.get("model_type")
+        get = hf_config.get
+        mt = get("model_type")
         if mt not in SUPPORTED_TYPES:
             raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (expected 'silu')")
+        if get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {get('hidden_act')!r} is not supported (expected 'silu')")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(cfg.get(key), int):
-                raise ValueError(f"{source}: field {key!r} must be an integer, got {cfg.get(key)!r}")
-        n_heads = cfg["num_attention_heads"]
-        max_pos = cfg.get("max_position_embeddings", 4096)
-        # A sliding window changes attention only for sequences longer than the window.
-        window = cfg.get("sliding_window")
-        if mt == "qwen2" and not cfg.get("use_sliding_window", False):
-            window = None
+            if not isinstance(get(key), int):
+                raise ValueError(f"{source}: field {key!r} must be an integer, got {get(key)!r}")
+        n_heads, max_pos = get("num_attention_heads"), get("max_position_embeddings", 4096)
+        # A sliding window changes attention only for sequences longer than the window. (Qwen2 configs carry a
+        # window that use_sliding_window switches off.)
+        window = get("sliding_window") if mt != "qwen2" or get("use_sliding_window") else None
         if window is not None and window < max_pos:
             raise ValueError(f"{source}: sliding_window={window} < max_position_embeddings={max_pos} is not "
                              f"supported (only full attention; expected sliding_window null or >= {max_pos})")
-        rope_theta, scaling = _rope_config(cfg, source)
-        partial = cfg.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
+        rope_theta, scaling = _rope_config(hf_config, source)
+        partial = get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
         if partial != 1.0:
             raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (expected 1.0)")
-        attention_bias = bool(cfg.get("attention_bias", False))
+        attention_bias = bool(get("attention_bias", False))
         return cls(
-            model_type=mt, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads, ffn_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            model_type=mt, vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
+            n_heads=n_heads, n_kv_heads=get("num_key_value_heads") or n_heads,
+            head_dim=get("head_dim") or get("hidden_size") // n_heads, ffn_dim=get("intermediate_size"),
+            norm_eps=get("rms_norm_eps", 1e-5), tie_embeddings=bool(get("tie_word_embeddings", False)),
             qkv_bias=mt == "qwen2" or attention_bias, o_bias=mt != "qwen2" and attention_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)), max_seq_len=max_pos, rope_theta=rope_theta,
-            rope_scaling=scaling, eos_token_ids=_as_list(cfg.get("eos_token_id")),
+            mlp_bias=bool(get("mlp_bias", False)), max_seq_len=max_pos, rope_theta=rope_theta,
+            rope_scaling=scaling, eos_token_ids=_as_list(get("eos_token_id")),
         )
 
 
@@ -105,29 +110,18 @@ def _as_list(x):
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _rope_config(cfg, source):
+def _rope_config(hf_config, source):
     """RoPE settings from either the classic keys (rope_theta, rope_scaling) or the newer rope_parameters."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = dict(cfg.get("rope_scaling") or {})
-    scaling.update(params)
-    theta = scaling.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
-    kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-    scaling.pop("type", None)
-    if kind == "su":  # Phi-3's early name for longrope
-        kind = "longrope"
-    if kind not in SUPPORTED_ROPE:
-        raise ValueError(f"{source}: rope type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE)})")
-    if kind == "longrope":
-        scaling.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
-        for key in ("short_factor", "long_factor", "original_max_position_embeddings"):
-            if scaling.get(key) is None:
-                raise ValueError(f"{source}: longrope scaling needs field {key!r}")
-    if kind == "llama3":
-        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if scaling.get(key) is None:
-                raise ValueError(f"{source}: llama3 rope scaling needs field {key!r}")
-    if kind == "linear" and scaling.get("factor") is None:
-        raise ValueError(f"{source}: linear rope scaling needs field 'factor'")
+    scaling = {**(hf_config.get("rope_scaling") or {}), **(hf_config.get("rope_parameters") or {})}
+    theta = scaling.pop("rope_theta", None) or hf_config.get("rope_theta") or 10000.0
+    kind = scaling.pop("rope_type", scaling.pop("type", None)) or "default"  # "type": the older key; drop both
+    if kind not in ROPE_FIELDS:
+        raise ValueError(f"{source}: rope type {kind!r} is not supported (supported: {', '.join(ROPE_FIELDS)})")
+    if kind == "longrope":  # Phi-3 configs keep the original context length at the top level
+        scaling.setdefault("original_max_position_embeddings", hf_config.get("original_max_position_embeddings"))
+    for key in ROPE_FIELDS[kind]:
+        if scaling.get(key) is None:
+            raise ValueError(f"{source}: {kind} rope scaling needs field {key!r}")
     return float(theta), ({} if kind == "default" else {"rope_type": kind, **scaling})
 
 
@@ -139,13 +133,15 @@ def rope_frequencies(args):
     factor longrope multiplies cos/sin by. Computed exactly as transformers does, in fp32, for bitwise-close
     parity at positions past 8192."""
     d = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    base = args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)    # (head_dim/2,)
+    inv_freq = 1.0 / base
     s = args.rope_scaling
     kind = s.get("rope_type", "default")
     if kind == "linear":
         return inv_freq / s["factor"], None, 1.0
     if kind == "llama3":  # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between
-        factor, lo, hi, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        orig = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > orig / lo, inv_freq / factor, inv_freq)
         smooth = (orig / wavelen - lo) / (hi - lo)
@@ -158,9 +154,7 @@ def rope_frequencies(args):
         attn = s.get("attention_factor")
         if attn is None:
             attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-        base = args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
-        short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * base)
-        long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * base)
+        short, long = (1.0 / (torch.tensor(s[k], dtype=torch.float32) * base) for k in ("short_factor", "long_factor"))
         return short, long, attn
     return inv_freq, None, 1.0
 
@@ -280,10 +274,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args, config=None):
+    def __init__(self, args, hf_config=None):
         super().__init__()
         self.args = args
-        self.config = config or {}  # the raw config.json, written back unchanged on save
+        self.hf_config = hf_config or {}  # the raw config.json, written back unchanged on save
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -329,11 +323,11 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Scoring: log p(target) = logit[target]/T - logsumexp(logits/T), chunk by chunk
+# 4. Scoring: log p(target) = logit[target]/tau - logsumexp(logits/tau), chunk by chunk (tau: the temperature)
 
 class FusedLogProbs(torch.autograd.Function):
     """lm_head + fp32 log-softmax + gather for N rows, `chunk` rows at a time. Only (chunk, V) logits exist at
-    once; backward recomputes them instead of saving them. d logp / d logits = (onehot - softmax) / T.
+    once; backward recomputes them instead of saving them. d logp / d logits = (onehot - softmax) / temperature.
 
     Backward recomputes the logits under the autocast state the forward ran in (what torch.amp.custom_fwd /
     custom_bwd do, for whichever device the tensors are on): a backward called outside autocast would otherwise
@@ -360,16 +354,16 @@ class FusedLogProbs(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad):
         h, weight, targets = ctx.saved_tensors
-        T, chunk = ctx.temperature, ctx.chunk
+        tau, chunk = ctx.temperature, ctx.chunk
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for i in range(0, h.shape[0], chunk):
             hc, g = h[i:i + chunk], grad[i:i + chunk]
             logits = F.linear(hc, weight)                                               # (c, V) recomputed
             mm_dtype = logits.dtype                                                     # bf16 under autocast
-            dlogits = logits.float().div_(T).softmax(-1).mul_(-g[:, None] / T)  # in place: one fp32 (c, V) buffer
+            dlogits = logits.float().div_(tau).softmax(-1).mul_(-g[:, None] / tau)  # in place: one fp32 (c, V) buffer
             del logits
-            dlogits.scatter_add_(1, targets[i:i + chunk, None], g[:, None] / T)
+            dlogits.scatter_add_(1, targets[i:i + chunk, None], g[:, None] / tau)
             dlogits = dlogits.to(mm_dtype)
             if grad_h is not None:
                 grad_h[i:i + chunk] = dlogits @ weight                                  # (c, dim)
@@ -625,24 +619,22 @@ class Tokenizer:
         except Exception as e:
             raise ValueError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
         self.directory = directory
-        cfg = _read_json(os.path.join(directory, "tokenizer_config.json"), default={})
+        tok_config = _read_json(os.path.join(directory, "tokenizer_config.json"), default={})
         special = _read_json(os.path.join(directory, "special_tokens_map.json"), default={})
-        self.special = {k: _token_text(cfg.get(k) or special.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.special = {k: _token_text(tok_config.get(k) or special.get(k))
+                        for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         self.bos_id = self.token_to_id(self.special["bos_token"])
         self.pad_id = self.token_to_id(self.special["pad_token"])
-        eos = self.token_to_id(self.special["eos_token"])
-        self.eos_ids = [] if eos is None else [eos]
         gen = _read_json(os.path.join(directory, "generation_config.json"), default={})
-        for i in _as_list(gen.get("eos_token_id")):
-            if i not in self.eos_ids:
-                self.eos_ids.append(i)
+        eos = _as_list(self.token_to_id(self.special["eos_token"])) + _as_list(gen.get("eos_token_id"))
+        self.eos_ids = list(dict.fromkeys(eos))  # in order, without repeats
         # BOS: tokenizer_config's add_bos_token wins; otherwise whatever tokenizer.json's post-processor does.
         with_special = self.tk.encode("a", add_special_tokens=True).ids
         post_processor_adds_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] and \
             self.tk.encode("a", add_special_tokens=False).ids[:1] != [self.bos_id]
-        self.add_bos = cfg.get("add_bos_token", post_processor_adds_bos)
-        self.add_eos = cfg.get("add_eos_token", False)
-        template = cfg.get("chat_template")
+        self.add_bos = tok_config.get("add_bos_token", post_processor_adds_bos)
+        self.add_eos = tok_config.get("add_eos_token", False)
+        template = tok_config.get("chat_template")
         if isinstance(template, list):  # several named templates: use the default one
             template = {t["name"]: t["template"] for t in template}.get("default")
         jinja_path = os.path.join(directory, "chat_template.jinja")
@@ -711,7 +703,8 @@ def _compile_template(source):
 # 7. Loading and saving (safetensors only; nothing is ever unpickled)
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "chat_template.jinja", "*.safetensors", "model.safetensors.index.json"]
+             "special_tokens_map.json", "chat_template.jinja", "model*.safetensors", "model.safetensors.index.json"]
+# "model*": the HF-layout weights only. Mistral-7B-Instruct-v0.3 also ships its 14 GB consolidated.safetensors.
 
 
 def _read_json(path, default=None):
@@ -759,6 +752,7 @@ def resolve(name_or_path):
 
 
 def _checkpoint_files(directory):
+    """The safetensors files of a checkpoint: the shards its index lists, or the single model.safetensors."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
         weight_map = _read_json(index).get("weight_map")
@@ -766,28 +760,25 @@ def _checkpoint_files(directory):
             raise ValueError(f"{index}: expected a 'weight_map' object")
         return sorted({os.path.join(directory, f) for f in weight_map.values()})
     single = os.path.join(directory, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    found = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if found:
-        return found
-    raise FileNotFoundError(f"{single}: missing (expected model.safetensors or model.safetensors.index.json; "
-                            f".bin/.pth checkpoints are not loaded because they would be unpickled)")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"{single}: missing (expected model.safetensors or model.safetensors.index.json; "
+                                f".bin/.pth checkpoints are not loaded because they would be unpickled)")
+    return [single]
 
 
 def _hf_to_ours(name, tensor, args):
-    """One checkpoint tensor -> [(our parameter name, tensor)]; Phi-3's fused projections are split here."""
-    name = name[len("model."):] if name.startswith("model.") else name
-    if name.endswith("self_attn.qkv_proj.weight"):
+    """One checkpoint tensor -> {our parameter name: tensor}; Phi-3's fused projections are split here."""
+    name = name.removeprefix("model.")
+    if name.endswith("self_attn.qkv_proj.weight"):  # Phi-3 stores [q; k; v]: (q + 2 * kv, dim)
         q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        prefix = name[:-len("qkv_proj.weight")]
-        return [(prefix + "q_proj.weight", tensor[:q]), (prefix + "k_proj.weight", tensor[q:q + kv]),
-                (prefix + "v_proj.weight", tensor[q + kv:])]
+        prefix = name.removesuffix("qkv_proj.weight")
+        return {prefix + "q_proj.weight": tensor[:q], prefix + "k_proj.weight": tensor[q:q + kv],
+                prefix + "v_proj.weight": tensor[q + kv:]}
     if name.endswith("mlp.gate_up_proj.weight"):
-        gate, up = tensor.chunk(2, dim=0)  # Phi-3 stores [gate; up]
-        prefix = name[:-len("gate_up_proj.weight")]
-        return [(prefix + "gate_proj.weight", gate), (prefix + "up_proj.weight", up)]
-    return [(name, tensor)]
+        gate, up = tensor.chunk(2, dim=0)  # Phi-3 stores [gate; up]: (2 * ffn_dim, dim)
+        prefix = name.removesuffix("gate_up_proj.weight")
+        return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up}
+    return {name: tensor}
 
 
 def _hf_key(name):
@@ -796,60 +787,53 @@ def _hf_key(name):
 
 
 def _ours_to_hf(state, args):
-    """Our state dict -> checkpoint names (re-fusing Phi-3's projections so transformers and vLLM load it)."""
-    out = {}
-    for name, t in state.items():
-        if args.model_type == "phi3" and name.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
-            continue
-        if args.model_type == "phi3" and name.endswith("q_proj.weight"):
-            p = name[:-len("q_proj.weight")]
-            name, t = p + "qkv_proj.weight", torch.cat([t, state[p + "k_proj.weight"], state[p + "v_proj.weight"]])
-        elif args.model_type == "phi3" and name.endswith("gate_proj.weight"):
-            p = name[:-len("gate_proj.weight")]
-            name, t = p + "gate_up_proj.weight", torch.cat([t, state[p + "up_proj.weight"]])
-        out[_hf_key(name)] = t.contiguous()
-    return out
+    """Our state dict -> checkpoint names, Phi-3's projections fused again (transformers and vLLM expect them so)."""
+    state = dict(state)
+    if args.model_type == "phi3":
+        for i in range(args.n_layers):
+            attn, mlp = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+            state[attn + "qkv_proj.weight"] = torch.cat([state.pop(f"{attn}{x}_proj.weight") for x in "qkv"])
+            state[mlp + "gate_up_proj.weight"] = torch.cat([state.pop(f"{mlp}{x}_proj.weight") for x in ("gate", "up")])
+    return {_hf_key(name): t.contiguous() for name, t in state.items()}
 
 
-def load_state(directory, model, device, dtype):
-    """Reads every safetensors file into `model`'s parameters (assigned: a meta-device model gets real tensors)."""
-    model.load_state_dict(read_state(directory, model, device, dtype), strict=True, assign=True)
-
-
-def read_state(directory, model, device, dtype):
-    """Reads every safetensors file into a state dict with `model`'s parameter names, strictly: missing or
-    unexpected keys and wrong shapes are errors naming the file. `model` only provides names and shapes (it may be
-    on the meta device, or sharded: a DTensor's shape is the whole tensor's)."""
+def _read_checkpoint(directory, args, device, dtype):
+    """Every tensor of the checkpoint in `dtype` on `device`, under our parameter names. Names and shapes are not
+    checked here: load_state_dict does that (_assign)."""
     from safetensors import safe_open
-    expected = {k: v for k, v in model.state_dict().items()}
-    state, source = {}, {}
+    state = {}
     for path in _checkpoint_files(directory):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: missing (listed in model.safetensors.index.json)")
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    if "rotary_emb.inv_freq" in key:  # old checkpoints stored the RoPE table; we recompute it
-                        continue
-                    for name, t in _hf_to_ours(key, f.get_tensor(key), model.args):
-                        if name == "lm_head.weight" and model.args.tie_embeddings:
-                            continue  # some tied checkpoints also store the copy
-                        if name not in expected:
-                            raise ValueError(f"{path}: unexpected tensor {key!r} for a {model.args.model_type} "
-                                             f"model with this config.json")
-                        if tuple(t.shape) != tuple(expected[name].shape):
-                            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected "
-                                             f"{tuple(expected[name].shape)} from config.json")
-                        state[name], source[name] = t.to(dtype), path
-        except (ValueError, FileNotFoundError):
-            raise
+                    for name, t in _hf_to_ours(key, f.get_tensor(key), args).items():
+                        state[name] = t.to(dtype)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing (listed in model.safetensors.index.json)") from None
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             msg = (str(e).splitlines() or [type(e).__name__])[0]
             raise ValueError(f"{path}: not a readable safetensors file ({msg})") from None
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {_hf_key(missing[0])!r}")
+    if args.tie_embeddings:
+        state.pop("lm_head.weight", None)  # some tied checkpoints also store the copy; we have no lm_head
     return state
+
+
+def _assign(model, state, directory):
+    """model.load_state_dict(strict=True, assign=True): PyTorch checks every name and shape, and a meta-device model
+    takes the tensors themselves (never two copies). torch's error lists every problem; ours is one line naming the
+    first, under its checkpoint name."""
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        # torch's lines after the header: 'Missing key(s) in state_dict: "a", "b".', 'Unexpected key(s) ...' or
+        # 'size mismatch for c: copying a param with shape ... from checkpoint, the shape in current model is ...'
+        problem = str(e).splitlines()[1].strip()
+        m = re.match(r'(Missing|Unexpected) key\(s\) in state_dict: "([^"]+)"|size mismatch for ([^:]+): (.*)', problem)
+        if m and m[3]:
+            problem = f"tensor {_hf_key(m[3])!r}: {m[4]}"
+        elif m:
+            problem = f"{m[1].lower()} tensor {_hf_key(m[2])!r}"
+        raise ValueError(f"{directory}: the checkpoint does not match its config.json: {problem}") from None
 
 
 def load(name_or_path, device=None, dtype=None):
@@ -858,31 +842,40 @@ def load(name_or_path, device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, tokenizer, directory = build_on_meta(name_or_path)
-    load_state(directory, model, device, dtype)
-    model.rope.reset(device)
+    _assign(model, _read_checkpoint(directory, model.args, device, dtype), directory)
+    model.rope.reset(device)  # RoPE's tables are non-persistent buffers: not in the checkpoint, still on meta
     return model.eval(), tokenizer
 
 
 def build_on_meta(name_or_path):
     """The model of a checkpoint, built on the meta device (shapes, no memory), its tokenizer and the local directory
-    holding its weights (read them with read_state / load_state)."""
+    holding its weights (read them with read_state)."""
     directory = resolve(name_or_path)
     config_path = os.path.join(directory, "config.json")
-    config = _read_json(config_path)
-    args = ModelArgs.from_hf_config(config, config_path)
+    hf_config = _read_json(config_path)
+    args = ModelArgs.from_hf_config(hf_config, config_path)
     tokenizer = Tokenizer(directory)
-    for i in tokenizer.eos_ids:  # end-of-turn ids from every file that lists them
-        if i not in args.eos_token_ids:
-            args.eos_token_ids.append(i)
-    for i in args.eos_token_ids:  # config.json's ids count for the tokenizer too (it appends y's end-of-turn)
-        if i not in tokenizer.eos_ids:
-            tokenizer.eos_ids.append(i)
+    # End-of-turn ids from every file that lists them count for both: the model stops sampling at them, and the
+    # tokenizer appends y's end-of-turn. Each keeps its own ids first (dict.fromkeys: ordered, no repeats).
+    args.eos_token_ids = list(dict.fromkeys(args.eos_token_ids + tokenizer.eos_ids))
+    tokenizer.eos_ids = list(dict.fromkeys(tokenizer.eos_ids + args.eos_token_ids))
     if not args.eos_token_ids:  # sampling would never stop and y would have no end-of-turn token: fail now
         raise ValueError(f"{directory}: no end-of-sequence token (expected eos_token_id in config.json or "
                          "generation_config.json, or eos_token in tokenizer_config.json)")
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned: never two copies
-        model = Transformer(args, config)
+        model = Transformer(args, hf_config)
     return model, tokenizer, directory
+
+
+def read_state(directory, model, device, dtype):
+    """The checkpoint as a state dict with `model`'s parameter names, in `dtype` on `device`, for a model that cannot
+    take the tensors itself (train.py: FSDP-sharded; rank 0 reads, then broadcasts). Checked as load() checks: a
+    meta-device twin built from model.args takes them, so PyTorch checks every name and shape."""
+    state = _read_checkpoint(directory, model.args, device, dtype)
+    with torch.device("meta"):
+        twin = Transformer(model.args)
+    _assign(twin, state, directory)
+    return state
 
 
 def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
@@ -914,10 +907,10 @@ def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
         total = sum(t.numel() * t.element_size() for t in state.values())
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config = dict(model.config)
-    config["torch_dtype"] = config["dtype"] = str(dtype).replace("torch.", "")  # older and newer transformers' key
+    hf_config = dict(model.hf_config)
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype).removeprefix("torch.")  # older and newer key
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(hf_config, f, indent=2)
     for name in Tokenizer.FILES:
         src = os.path.join(tokenizer.directory, name)
         if os.path.isfile(src):
