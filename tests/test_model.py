@@ -971,3 +971,16 @@ def test_aliases(monkeypatch, tmp_path):
     with pytest.raises(ERRORS) as e:
         load("smollm2-135m")
     one_line_error(e, "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m")
+
+
+def test_hub_download_takes_only_the_hf_layout_files():
+    """resolve() downloads through huggingface_hub's own pattern filter: Mistral-7B-Instruct-v0.3's repo (file list
+    as on the hub) also holds a 14 GB consolidated.safetensors in Mistral's layout, which must not be fetched."""
+    from huggingface_hub.utils import filter_repo_objects
+    import model
+    repo = ["consolidated.safetensors", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+            "model-00003-of-00003.safetensors", "model.safetensors.index.json", "params.json", "tokenizer.model.v3",
+            "tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json", "README.md"]
+    assert sorted(filter_repo_objects(repo, allow_patterns=model.HUB_FILES)) == [
+        "config.json", "generation_config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
