@@ -33,6 +33,7 @@ import torch.distributed as dist
 import data
 import eval as evaluation
 import latro
+import parallel
 from model import ALIASES, build_on_meta, load, read_state, pad_right, save, token_logprobs
 
 # The paper's recipe (§5.1 and the official training.sh): lr 5e-7, K = 16, L = 500, T = 1, AdamW without warm-up,
@@ -916,7 +917,7 @@ def train(args):
     check_args(args, world)
     lock, status = None, {"step": resume_state["step"] if resume_state else 0}
     try:
-        lock = evaluation.on_rank0(rank, lambda: prepare_run_dir(args, status["step"]))
+        lock = parallel.on_rank0(rank, lambda: prepare_run_dir(args, status["step"]))
         run(args, device, rank, world, resume_state, status)
         if world > 1:
             # after run() has returned: gloo aborts at exit now and then (1 in ~10 on 2 CPU ranks) when FSDP
@@ -1163,12 +1164,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # as in eval.py: gloo's threads can abort finalization
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    parallel.run_main(main)
