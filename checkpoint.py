@@ -271,6 +271,7 @@ def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharde
             write_json(os.path.join(tmp, "trainer_state.json"),
                        {"step": step, "base_model": args.model, "method": args.method, "world_size": world,
                         "sharded": sharded, "args": vars(args)})
+            # a checkpoint is a directory, renamed into place as a whole: data.write_atomic replaces one file
             old = final + ".old"
             if os.path.exists(final):
                 os.replace(final, old)
