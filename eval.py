@@ -38,6 +38,7 @@ import torch
 
 import data
 from model import generate, load
+from parallel import on_rank0, run_main, setup_distributed
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. The evaluation loop
@@ -469,7 +470,7 @@ def main(argv=None) -> int:
 def run(args, rank) -> int:
     out = Path(args.out) if args.out else default_out(args)
     settings = run_settings(args)
-    device = setup_distributed(args.device)
+    device, _, _ = setup_distributed(args.device)
     done = on_rank0(rank, lambda: check_output(out, settings, args.overwrite))
     examples = data.load_dataset(args.dataset, args.split, args.limit)
     selected = {ex.id for ex in examples}
@@ -594,53 +595,5 @@ def check_context(model, tokenizer, examples, max_new_tokens) -> None:
                          f"(max_position_embeddings); at most {max(context - longest, 0)} new tokens fit")
 
 
-def choose_device(flag: str | None, world: int, local_rank: int, cuda_available: bool) -> str:
-    """This process's device. Under torchrun (world > 1) each process takes its own GPU, cuda:LOCAL_RANK, as train.py
-    does; a single named GPU (cuda:1) would put every process on it, so it is refused there."""
-    flag = flag or ("cuda" if cuda_available else "cpu")
-    if not flag.startswith("cuda"):
-        return flag
-    if not cuda_available:
-        raise ValueError(f"--device {flag}: no CUDA device is available; use --device cpu")
-    if world > 1 and flag != "cuda":
-        raise ValueError(f"--device {flag}: under torchrun every process would share that one GPU; "
-                         "pass --device cuda (process i then uses cuda:LOCAL_RANK)")
-    return f"cuda:{local_rank}" if world > 1 else flag
-
-
-def setup_distributed(device_flag) -> str:
-    """torchrun sets WORLD_SIZE; a plain `python eval.py` runs as one process and never touches torch.distributed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = choose_device(device_flag, world, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
-    if world > 1:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
-
-
-def on_rank0(rank: int, fn):
-    """fn() on rank 0, which owns the files; its result, or the error that stops everyone, goes to every rank so
-    that none waits forever."""
-    message = [None, None]
-    if rank == 0:
-        try:
-            message = [None, fn()]
-        except (ValueError, OSError) as e:
-            message = [str(e), None]
-    if torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise ValueError(message[0])
-    return message[1]
-
-
 if __name__ == "__main__":
-    code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # After a clean torchrun run, gloo's worker threads can abort the interpreter's finalization ("terminate
-        # called without an active exception", about 1 run in 6 here; pytorch/pytorch#179291). Every file is closed
-        # and the process group destroyed by now, so the process ends without finalizing.
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    run_main(main)  # under torchrun, ends the process without interpreter finalization

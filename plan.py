@@ -174,7 +174,7 @@ def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step
     check the simulation against). -> {"train": rows, "sample": rows, "score": rows (each {row: bytes}),
     "step": the optimizer step's peak in bytes, "seconds": wall time}"""
     import latro
-    import train
+    import parallel
     from model import ModelArgs
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -187,7 +187,7 @@ def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         # the mesh is built outside fake mode: its setup reads real values
-        mesh = train.device_mesh("cpu", world) if sharded else None
+        mesh = parallel.device_mesh("cpu", world) if sharded else None
         args = ModelArgs.from_hf_config(cfg)
         mode = FakeTensorMode() if fake else nullcontext()
         with mode:
@@ -198,8 +198,8 @@ def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step
             if compute_dtype != torch.float32 or sharded:
                 sampler = _build(args, cfg, compute_dtype).requires_grad_(False).eval()
             policy.checkpoint_layers = checkpointing
-            policy = train.wrap_policy(policy, mesh, compute_dtype, world, torch.device("cpu"), ddp=False)
-            reference = train.wrap_reference(reference, mesh).eval()
+            policy = parallel.wrap_policy(policy, mesh, compute_dtype, world, torch.device("cpu"), ddp=False)
+            reference = parallel.wrap_reference(reference, mesh).eval()
             optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, foreach=False)
             cfg_l = latro.LatroConfig(num_samples=num_samples, max_rationale_tokens=max_rationale_tokens,
                                       micro_batch_size=micro_batch_size, temperature=temperature)
@@ -265,14 +265,15 @@ def _train_phase(policy, optimizer, sharded, cfg, args, prompt_tokens, answer_to
     """Two micro-batches (the peak: the second one's activations on top of the first one's gradients, whatever
     the sync rule), then AdamW's step, which creates the optimizer state."""
     import latro
-    import train
+    import parallel
     tracker = tracker_cls(policy, optimizer) if sharded else tracker_cls()
     if not sharded:
         tracker.track_external(policy, optimizer)
     policy.train()
+    before_forward = parallel.grad_sync(policy)
     with tracker:
         for j in range(2):
-            train.set_grad_sync(policy, train.sync_this_micro_batch(policy, j == 1))
+            before_forward(j == 1)
             toks, p, r, a = _scoring_batch(args, cfg.micro_batch_size, prompt_tokens, cfg.max_rationale_tokens,
                                            answer_tokens)
             latro.backward_micro_batch(policy, toks, p, r, a, torch.zeros(toks.shape[0]), cfg, toks.shape[0],
@@ -293,7 +294,7 @@ def _sample_phases(policy, optimizer, sampler, reference, questions, cfg, args, 
     reward) and the reference. Training state that persists (fp32 params, optimizer state) is counted exactly;
     gradients are freed by then (zero_grad(set_to_none=True))."""
     import latro
-    import train
+    import parallel
     from model import decode_step, prefill, sample_next, token_logprobs
     # MemTracker hooks the gradient of every parameter a module runs with, which torch refuses for frozen ones:
     # mark them trainable for the simulation (under no_grad this changes nothing else)
@@ -317,7 +318,7 @@ def _sample_phases(policy, optimizer, sampler, reference, questions, cfg, args, 
 
     with window() as tracker:
         if sampler is not policy:
-            train.refresh_sampler(sampler, policy)
+            parallel.refresh_sampler(sampler, policy)
         prompts = [[1] * prompt_tokens for _ in range(questions)]
         caches, logits = prefill(sampler, prompts, cfg.num_samples, cfg.max_rationale_tokens)
         tracker.reset_mod_stats()  # the trackers follow one call per module at a time; the peak is kept

@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import latro  # noqa: E402
+import parallel  # noqa: E402
 import plan  # noqa: E402
-import train  # noqa: E402
 from model import token_logprobs  # noqa: E402
 
 SMALL = dict(model_type="llama", vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
@@ -31,7 +31,7 @@ SMALL = dict(model_type="llama", vocab_size=1000, hidden_size=128, intermediate_
 
 def models(model_dir, dtype):
     args = SimpleNamespace(resume=None, model=model_dir, activation_checkpointing="auto", fsdp="on")
-    return train.build_models(args, torch.device("cpu"), dist.get_world_size(), dtype, sharded=True)
+    return parallel.build_models(args, torch.device("cpu"), dist.get_world_size(), dtype, sharded=True)
 
 
 def batch(vocab, rows=4, T=24, seed=0):
@@ -48,7 +48,7 @@ def check_grads(model_dir):
     policy.train()
     cfg = latro.LatroConfig(num_samples=2)
     tokens, p, r, a = batch(policy.args.vocab_size)
-    train.set_grad_sync(policy, train.sync_this_micro_batch(policy, is_last=False))
+    parallel.grad_sync(policy)(False)  # not the last micro-batch
     latro.backward_micro_batch(policy, tokens, p, r, a, torch.randn(4), cfg, 8)
     for name, param in policy.named_parameters():
         assert param.grad is not None, f"{name}: no sharded gradient after a micro-batch (kept unsharded)"
@@ -77,7 +77,7 @@ def check_plan():
         print("PLAN " + json.dumps({k: result[k] for k in ("train", "sample", "score", "step")}))
 
 
-if __name__ == "__main__":
+def main():
     torch.manual_seed(0)
     dist.init_process_group("gloo")
     name = sys.argv[1]
@@ -89,5 +89,7 @@ if __name__ == "__main__":
     if dist.get_rank() == 0:
         print(f"OK {name}")
     dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # as eval.py does: gloo's threads can abort the interpreter's finalization
+
+
+if __name__ == "__main__":
+    parallel.run_main(main)  # as eval.py and train.py: gloo's threads can abort the interpreter's finalization

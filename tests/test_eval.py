@@ -482,17 +482,18 @@ def test_cli_scores_only_this_selection(tiny_llama_dir, five_questions, tmp_path
 
 
 def test_choose_device():
-    assert ev.choose_device(None, 1, 0, cuda_available=False) == "cpu"
-    assert ev.choose_device(None, 1, 0, cuda_available=True) == "cuda"
-    assert ev.choose_device(None, 4, 3, cuda_available=True) == "cuda:3"
-    assert ev.choose_device("cuda", 4, 2, cuda_available=True) == "cuda:2"  # torchrun: one GPU per process
-    assert ev.choose_device("cuda:1", 1, 0, cuda_available=True) == "cuda:1"
-    assert ev.choose_device("cpu", 4, 2, cuda_available=True) == "cpu"
-    assert ev.choose_device(None, 2, 1, cuda_available=False) == "cpu"  # gloo on CPU
-    with pytest.raises(ValueError, match="--device cuda:1: under torchrun every process would share"):
-        ev.choose_device("cuda:1", 4, 2, cuda_available=True)
+    import parallel
+    assert parallel.choose_device(None, 1, 0, cuda_available=False) == "cpu"
+    assert parallel.choose_device(None, 1, 0, cuda_available=True) == "cuda"
+    assert parallel.choose_device(None, 4, 3, cuda_available=True) == "cuda:3"
+    assert parallel.choose_device("cuda", 4, 2, cuda_available=True) == "cuda:2"  # torchrun: one GPU per process
+    assert parallel.choose_device("cuda:1", 1, 0, cuda_available=True) == "cuda:1"
+    assert parallel.choose_device("cpu", 4, 2, cuda_available=True) == "cpu"
+    assert parallel.choose_device(None, 2, 1, cuda_available=False) == "cpu"  # gloo on CPU
+    with pytest.raises(ValueError, match="--device cuda:1: under torchrun each rank uses cuda:LOCAL_RANK"):
+        parallel.choose_device("cuda:1", 4, 2, cuda_available=True)
     with pytest.raises(ValueError, match="--device cuda: no CUDA device is available"):
-        ev.choose_device("cuda", 1, 0, cuda_available=False)
+        parallel.choose_device("cuda", 1, 0, cuda_available=False)
 
 
 def test_compare_reports_paired_flips(tmp_path, capsys):

@@ -109,11 +109,11 @@ def test_recipe_follows_the_resolved_checkpoint(tmp_path, tiny_llama_dir):
 
 
 def test_device_index_under_torchrun_is_one_clear_error(monkeypatch):
-    import train
+    import parallel
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match=r"--device cuda:1: under torchrun each rank uses cuda:LOCAL_RANK"):
-        train.setup_distributed("cuda:1")
+        parallel.setup_distributed("cuda:1")
 
 
 def test_fsdp_auto_is_decided_by_the_plan(tmp_path, capsys):

@@ -1,0 +1,460 @@
+"""How a training run lives on disk: its run directory, checkpoints, resume state and metrics.
+
+A run directory (--out) holds config.json, metrics.jsonl (one line per step), curves.png and checkpoint-NNNNNN/
+directories. Each checkpoint is the model in Hugging Face layout (it loads in transformers and vLLM) plus what an
+exact resume needs: the AdamW moments (one file, or one per rank when sharded), every rank's random-number state
+and trainer_state.json (the step and every flag). It is separate from train.py because none of it is the
+algorithm; what it guarantees:
+  - one run per directory at a time (a lock file naming host and pid);
+  - nothing is deleted by accident: --overwrite moves the old run aside to a .bak directory;
+  - a save is atomic: built in checkpoint-N.partial and renamed into place, so a kill or a full disk leaves no
+    half checkpoint and never damages an earlier one;
+  - a resume continues the same run: every flag not given again is restored, and a flag that would change the
+    data order or the objective is refused unless --allow-recipe-change (which is recorded).
+"""
+import json
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+
+import data
+import eval as evaluation
+from model import save
+from parallel import first_error, unwrap
+
+LOCK = ".lock"
+CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+# Flags that decide which questions a step sees and what it optimises (--steps sets the learning-rate decay): a
+# resumed run keeps the recorded values, and changing one is an error unless --allow-recipe-change (the change is
+# then recorded in trainer_state.json).
+RECIPE = ("dataset", "split", "limit", "method", "steps", "questions_per_step", "num_samples", "lr", "warmup_steps",
+          "weight_decay", "grad_clip", "beta", "answer_weight", "max_rationale_tokens", "temperature", "top_p",
+          "top_k", "no_nonstop_penalty", "penalty_factor", "seed")
+# Flags that belong to one invocation, never restored from the checkpoint.
+PER_INVOCATION = ("resume", "out", "overwrite", "device", "explicit", "allow_recipe_change", "model", "plan", "nproc",
+                  "gpu_memory", "no_plan", "plan_prompt_tokens")
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (disk full, on any rank); its partial files are removed."""
+
+
+def write_json(path, obj):
+    data.write_atomic(Path(path), json.dumps(obj, indent=2).encode())
+
+
+def dataset_id(name):
+    """A named dataset as is; a local path made absolute, so a resumed run finds the same file from anywhere."""
+    return name if name in data.SPLITS or not os.path.exists(name) else os.path.abspath(name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run directory: one run at a time (a lock), nothing deleted (an --overwrite moves the old run aside), no
+# partial checkpoint left from an interrupted save
+
+
+def checkpoints(run_dir):
+    """Complete checkpoints of a run directory (those with trainer_state.json, written last), oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
+             if (m := CHECKPOINT.match(name)) and os.path.isfile(os.path.join(run_dir, name, "trainer_state.json"))]
+    return [path for _, path in sorted(found)]
+
+
+def checkpoint_list(run_dir):
+    found = checkpoints(run_dir)
+    return ", ".join(found) if found else f"none in {run_dir}"
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def take_lock(out):
+    """An exclusive-create lock file holding host and pid. A lock left by a dead process of this host (kill -9) is
+    taken over with a note; a live one, or one from another host, is an error."""
+    path = os.path.join(out, LOCK)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = open(path).read()
+                host, pid = text.split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                text, host, pid = None, "?", 0
+            if host == socket.gethostname() and pid and not pid_alive(pid):
+                # Move the stale lock aside (only one process can move a given file), then check that what moved is
+                # the stale lock and not the fresh one of a process that took it over a moment ago.
+                aside = f"{path}.stale-{os.getpid()}"
+                try:
+                    os.rename(path, aside)
+                except FileNotFoundError:
+                    continue
+                if open(aside).read() != text:
+                    try:
+                        os.link(aside, path)  # put the fresh lock back
+                    except FileExistsError:
+                        pass
+                else:
+                    print(f"note: {out}: taking over the lock of pid {pid}, which is no longer running", flush=True)
+                os.remove(aside)
+                continue
+            advice = "wait for it to finish or choose another --out" + (
+                "" if host == socket.gethostname() else f"; if no run uses it, delete {path}")
+            raise ValueError(f"--out {out}: in use by another run (pid {pid} on {host}, lock {path}); {advice}")
+        os.write(fd, me.encode())
+        os.close(fd)
+        return path
+    raise ValueError(f"--out {out}: could not take the lock {path}; another run may be starting there")
+
+
+def release_lock(path):
+    try:
+        if open(path).read().split()[-1] == str(os.getpid()):
+            os.remove(path)
+    except (OSError, IndexError):
+        pass
+
+
+def remove_partials(out):
+    """Leftovers of a save that was killed or ran out of disk: checkpoint-*.partial* directories are removed; a
+    checkpoint-*.old (the previous copy, moved aside just before the rename) is put back if the rename never came."""
+    removed = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if name.startswith("checkpoint-") and ".partial" in name:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(name)
+        elif name.startswith("checkpoint-") and name.endswith(".old"):
+            final = path[:-len(".old")]
+            if os.path.isdir(final):
+                shutil.rmtree(path)
+            else:
+                os.replace(path, final)
+    if removed:
+        print(f"note: {out}: removed {len(removed)} partial checkpoint(s) of an interrupted save: "
+              f"{', '.join(removed)}", flush=True)
+
+
+def holds_run(out):
+    return os.path.isfile(os.path.join(out, "metrics.jsonl")) or any(
+        CHECKPOINT.match(n.split(".")[0]) for n in os.listdir(out))
+
+
+def move_run_aside(out):
+    """--overwrite: the whole old run (metrics, config, every checkpoint) moves to the first free {out}.bak[N]."""
+    backup, n = out.rstrip("/") + ".bak", 1
+    while os.path.exists(backup):
+        backup, n = f"{out.rstrip('/')}.bak{n}", n + 1
+    os.makedirs(backup)
+    for name in os.listdir(out):
+        if name != LOCK:
+            os.replace(os.path.join(out, name), os.path.join(backup, name))
+    print(f"--overwrite: moved the previous run in {out} to {backup}", flush=True)
+
+
+def prepare_run_dir(args, start):
+    """Before any model is loaded: --out must be a directory we can create and write; take its lock; then decide
+    what may happen to what it holds. Returns the lock path."""
+    out = args.out
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the run directory ({e.strerror}: {e.filename}); "
+                         "expected a directory path") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: not writable")
+    lock = take_lock(out)
+    try:
+        remove_partials(out)
+        own = args.resume and os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(out)
+        if not own and holds_run(out):
+            what = "another run" if args.resume else "a run"
+            if not args.overwrite:
+                hint = (f"resume writes into the checkpoint's own run {os.path.dirname(os.path.abspath(args.resume))}"
+                        "; drop --out, choose an empty one, or " if args.resume else
+                        "pass --resume CHECKPOINT (checkpoints: " + checkpoint_list(out) + "), another --out, or ")
+                raise ValueError(f"--out {out}: already holds {what} (metrics.jsonl / checkpoints); {hint}"
+                                 "--overwrite to move it aside to a .bak directory")
+            move_run_aside(out)
+        if args.resume and not own:  # a branch of the checkpoint's run: its metrics up to the checkpoint come along
+            src = os.path.join(os.path.dirname(os.path.abspath(args.resume)), "metrics.jsonl")
+            if os.path.isfile(src):
+                write_metrics(os.path.join(out, "metrics.jsonl"), read_metrics(src, start))
+    except BaseException:
+        release_lock(lock)
+        raise
+    return lock
+
+
+def prune_checkpoints(out, keep, newest):
+    """--keep-last: delete the oldest complete checkpoints up to `newest` (the one just written, never deleted)
+    until `keep` remain; checkpoints of later steps (left by a run this one resumed from an earlier step) stay."""
+    step = int(CHECKPOINT.search(newest).group(1))
+    older = [c for c in checkpoints(out) if int(CHECKPOINT.search(c).group(1)) < step]
+    for path in older[:max(0, len(older) - (keep - 1))]:
+        os.replace(path, path + ".partial")  # a kill mid-delete leaves a .partial, removed at the next start
+        shutil.rmtree(path + ".partial")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving: HF layout (loads in transformers/vLLM) + optimizer moments, step and RNG; written atomically
+
+
+def optimizer_tensors(optimizer, policy):
+    """This rank's AdamW state as {"<param name>.<exp_avg|exp_avg_sq|step>": tensor}, named as the model's
+    parameters (torch.distributed.checkpoint's names: the same under DDP and FSDP2). Under FSDP2 the tensors are this
+    rank's dim-0 shards; concatenated in rank order they give the full tensors (read_optimizer_tensors)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    out = {}
+    for name, state in get_optimizer_state_dict(policy, optimizer)["state"].items():
+        for key, t in state.items():
+            if torch.is_tensor(t):
+                t = t.to_local() if hasattr(t, "to_local") else t
+                out[f"{name}.{key}"] = t.detach().cpu().contiguous()
+    return out
+
+
+def full_state_dict(policy, sharded):
+    if not sharded:
+        return {k: v.detach() for k, v in unwrap(policy).state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharded, rank, world, args):
+    """checkpoint-{step}/: the model in HF layout, optimizer.safetensors (per rank when sharded), rng and
+    trainer_state.json. Built in checkpoint-{step}.partial (other ranks write their files beside it, in parallel
+    with rank 0, which moves them in) and renamed into place, so a kill leaves no half checkpoint and never damages
+    an earlier one. A failed write (disk full) on any rank removes the partial files and stops the run."""
+    from safetensors.torch import save_file
+    final = os.path.join(out_dir, f"checkpoint-{step:06d}")
+    tmp = final + ".partial"
+    mine = tmp if rank == 0 else f"{tmp}.rank{rank}"
+    state = full_state_dict(policy, sharded)  # collective under FSDP: every rank calls it
+    opt = optimizer_tensors(optimizer, policy) if sharded or rank == 0 else None  # DDP replicas are identical
+    opt_name = f"optimizer-rank{rank}.safetensors" if sharded else "optimizer.safetensors"
+    error = None
+    try:
+        if rank == 0:
+            # save() reads config and args off a module: under FSDP the policy is sharded, the sampler copy is whole
+            save(sampler if sharded else unwrap(policy), tokenizer, tmp, state_dict=state)
+        else:
+            os.makedirs(mine, exist_ok=True)
+        if sharded or rank == 0:
+            save_file(opt, os.path.join(mine, opt_name))
+        save_file({"cpu": torch.get_rng_state()}, os.path.join(mine, f"rng-rank{rank}.safetensors"))
+    except Exception as e:
+        error = f"rank {rank}: {(str(e).splitlines() or [type(e).__name__])[0]}"
+    del state, opt
+    error = first_error(error, world)
+    if error is None and rank == 0:
+        try:
+            for r in range(1, world):
+                for name in os.listdir(f"{tmp}.rank{r}"):
+                    os.replace(os.path.join(f"{tmp}.rank{r}", name), os.path.join(tmp, name))
+                os.rmdir(f"{tmp}.rank{r}")
+            write_json(os.path.join(tmp, "trainer_state.json"),
+                       {"step": step, "base_model": args.model, "method": args.method, "world_size": world,
+                        "sharded": sharded, "args": vars(args)})
+            # a checkpoint is a directory, renamed into place as a whole: data.write_atomic replaces one file
+            old = final + ".old"
+            if os.path.exists(final):
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            error = f"rank 0: {e.strerror or e} ({e.filename})"
+    error = first_error(error, world)
+    if error:
+        for path in [mine] + ([p for p in os.listdir(out_dir) if p.startswith(os.path.basename(tmp))] if rank == 0
+                              else []):
+            path = os.path.join(out_dir, path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+        raise SaveFailed(f"{final}: could not be written ({error}); its partial files were removed; last complete "
+                         f"checkpoint: {(checkpoints(out_dir) or ['none'])[-1]}")
+    if rank == 0 and args.keep_last:
+        prune_checkpoints(out_dir, args.keep_last, final)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resuming: the flags, then (once the models exist) the optimizer state and the random-number state
+
+
+def read_resume_state(args):
+    """trainer_state.json of --resume, or an error that says what was expected and lists the checkpoints there."""
+    path = os.path.join(args.resume, "trainer_state.json")
+    if not os.path.isfile(path):
+        run_dir = args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
+        if os.path.isdir(args.resume) and checkpoints(args.resume):
+            raise ValueError(f"--resume {args.resume}: this is a run directory; expected one of its checkpoints: "
+                             f"{checkpoint_list(args.resume)}")
+        raise FileNotFoundError(f"--resume {args.resume}: no trainer_state.json (expected a checkpoint directory "
+                                f"written by train.py); checkpoints: {checkpoint_list(run_dir)}")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        state["step"], state["base_model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a trainer state written by train.py ({e})") from None
+    if args.model is not None and args.model != state["base_model"]:
+        raise ValueError(f"{args.resume}: checkpoint was trained from --model {state['base_model']!r}, "
+                         f"not {args.model!r}")
+    return state
+
+
+def restore_run_args(args, state, world):
+    """--resume continues the same run: every flag not given now takes the value recorded in the checkpoint. A
+    given flag that changes the data order or the objective (RECIPE) is an error unless --allow-recipe-change;
+    allowed changes are recorded, with the step they started at, in args.recipe_changes."""
+    saved = state.get("args") or {}
+    steps = args.steps if "steps" in args.explicit else saved.get("steps")
+    if steps is not None and steps <= state["step"]:
+        raise ValueError(f"--steps {steps}: {args.resume} is already at step {state['step']}; to train further, "
+                         f"pass --steps N > {state['step']} with --allow-recipe-change (a longer run has another "
+                         "learning-rate decay)")
+    changes = []
+    for key, value in saved.items():
+        if key in PER_INVOCATION or key == "recipe_changes" or not hasattr(args, key):
+            continue
+        if key not in args.explicit:
+            setattr(args, key, value)
+        elif key in RECIPE and (dataset_id(getattr(args, key)) if key == "dataset" else getattr(args, key)) != value:
+            changes.append((key, value, getattr(args, key)))
+    if changes and not args.allow_recipe_change:
+        differ = ", ".join(f"--{k.replace('_', '-')} {new} (the run has {old})" for k, old, new in changes)
+        raise ValueError(f"--resume {args.resume}: {differ} would change the data order or the objective of the "
+                         "run; drop the flag to continue it as it was, or pass --allow-recipe-change")
+    args.recipe_changes = saved.get("recipe_changes", []) + [
+        {"step": state["step"], "flag": k, "from": old, "to": new} for k, old, new in changes]
+    if world == 1 and args.fsdp == "on" and "fsdp" not in args.explicit:
+        args.fsdp = "off"  # a sharded run resumed in one process: its optimizer state is gathered (a mode change)
+
+
+def read_safetensors(path, what):
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing ({what}); the checkpoint is incomplete")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a readable safetensors file ({msg}); the {what} is damaged, resume from "
+                         f"another checkpoint ({checkpoint_list(os.path.dirname(os.path.dirname(path)))})") from None
+
+
+def read_optimizer_tensors(checkpoint, state, names_shapes):
+    """The full (unsharded) AdamW state of a checkpoint, whatever sharding and world size wrote it: a single
+    optimizer.safetensors, or per-rank FSDP2 shards concatenated along dim 0. Checked against the model's shapes."""
+    single = os.path.join(checkpoint, "optimizer.safetensors")
+    paths = [single] if os.path.isfile(single) or not state.get("sharded") else \
+        [os.path.join(checkpoint, f"optimizer-rank{r}.safetensors") for r in range(state["world_size"])]
+    parts = [read_safetensors(p, "optimizer state") for p in paths]
+    full = {}
+    for name, shape in names_shapes:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            k = f"{name}.{key}"
+            missing = [p for p, part in zip(paths, parts) if k not in part]
+            if missing:
+                raise ValueError(f"{missing[0]}: no tensor {k!r}; expected AdamW state for every parameter")
+            t = parts[0][k] if key == "step" else torch.cat([part[k] for part in parts])
+            if key != "step" and tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{paths[0]}: {k} has shape {tuple(t.shape)}, the model's parameter {tuple(shape)}")
+            full[k] = t
+    return full
+
+
+def load_optimizer_tensors(optimizer, policy, tensors, sharded):
+    """Puts full AdamW state into the optimizer through torch.distributed.checkpoint, which shards it for FSDP2
+    (uneven dimensions included) from rank 0's copy; `tensors` may be empty on other ranks. optimizer.load_state_dict
+    then puts `step` where this optimizer keeps it (on the device for fused AdamW, on the CPU otherwise)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = [n for n, _ in unwrap(policy).named_parameters()]
+    state = {n: {k: tensors[f"{n}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")} for n in names} if tensors else {}
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    osd = {"state": state, "param_groups": [{**group, "params": names}]}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if sharded else None
+    set_optimizer_state_dict(policy, optimizer, optim_state_dict=osd, options=options)
+
+
+def load_training_state(checkpoint, state, policy, optimizer, sharded, rank, world):
+    """The optimizer state and this rank's random-number state of `checkpoint`, in any sharding mode and world size:
+    the full state is assembled (on rank 0 when sharded), then sharded as this run is. -> the step to start at."""
+    tensors, error = {}, None
+    if rank == 0 or not sharded:
+        try:
+            shapes = [(n, p.shape) for n, p in unwrap(policy).named_parameters()]
+            tensors = read_optimizer_tensors(checkpoint, state, shapes)
+        except (ValueError, FileNotFoundError) as e:
+            error = str(e)
+    error = first_error(error, world)
+    if error:
+        raise ValueError(error)
+    load_optimizer_tensors(optimizer, policy, tensors, sharded)
+    rng_path = os.path.join(checkpoint, f"rng-rank{rank}.safetensors")
+    if os.path.isfile(rng_path):  # a rank that the saving run did not have starts from its seed
+        torch.set_rng_state(read_safetensors(rng_path, "random-number state")["cpu"])
+    return state["step"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# metrics.jsonl (one line per step, appended) and curves.png
+
+
+def append_metrics(path, m):
+    with open(path, "a") as f:
+        f.write(json.dumps(m) + "\n")
+
+
+def read_metrics(path, last_step=None):
+    """The rows of metrics.jsonl (up to last_step), read as eval.py reads its results: a torn last line (the run
+    was killed mid-write) is dropped, a bad line elsewhere is an error naming it."""
+    return [row for _, row in evaluation.read_jsonl_rows(path, "metrics record")
+            if last_step is None or row.get("step", 0) <= last_step]
+
+
+def write_metrics(path, rows):
+    data.write_atomic(Path(path), "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
+def truncate_metrics(path, last_step):
+    """On resume, drop lines of steps after the checkpoint (written before the run stopped), atomically."""
+    if os.path.isfile(path):
+        write_metrics(path, read_metrics(path, last_step))
+
+
+def plot_curves(path_jsonl, path_png):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = read_metrics(path_jsonl)
+    keys = [k for k in ("reward", "kl", "rationale_len", "stop_rate") if k in rows[0]] or ["loss"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path_png)
+    plt.close(fig)

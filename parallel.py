@@ -1,0 +1,339 @@
+"""How a job spreads over N processes and GPUs: torchrun's ranks, DDP or FSDP2, and the collectives that keep the
+ranks in step.
+
+train.py and eval.py run the same code in one process or under `torchrun --nproc_per_node N`; everything that
+differs between the two lives here, so the training loop reads the same either way. The rules:
+  - every rank drives one device: cuda:LOCAL_RANK under torchrun, --device in a single process;
+  - a replica that fits is wrapped in DDP; one that does not is sharded with FSDP2 (`fully_shard` per block, fp32
+    master shards, bf16 compute through MixedPrecisionPolicy), decided by the memory plan (plan.py);
+  - a failure on one rank reaches every rank (first_error, on_rank0), so none waits forever in a collective;
+  - under torchrun a process ends without interpreter finalization (run_main).
+"""
+import os
+import resource
+import subprocess
+import sys
+from datetime import timedelta
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+from model import build_on_meta, load, read_state
+
+# --------------------------------------------------------------------------------------------------------------
+# Processes: one per device, started by torchrun (WORLD_SIZE, RANK, LOCAL_RANK) or a single plain process
+
+
+def choose_device(flag, world, local_rank, cuda_available):
+    """This process's device name. Under torchrun (world > 1) each process takes its own GPU, cuda:LOCAL_RANK; a
+    named GPU (cuda:1) would put every process on it, so it is refused there. A pure function of its arguments."""
+    flag = flag or ("cuda" if cuda_available else "cpu")
+    if not flag.startswith("cuda"):
+        return flag
+    if world > 1 and flag != "cuda":
+        raise ValueError(f"--device {flag}: under torchrun each rank uses cuda:LOCAL_RANK (a named GPU would be "
+                         "shared by every process); pass --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+    if not cuda_available:
+        raise ValueError(f"--device {flag}: no CUDA device is available; use --device cpu")
+    return f"cuda:{local_rank}" if world > 1 else flag
+
+
+def setup_distributed(device_flag):
+    """-> (device, rank, world). A plain `python train.py` (or eval.py) is rank 0 of 1 and never touches
+    torch.distributed. NCCL gets the device up front and a long timeout: ranks wait in barriers while rank 0 writes
+    a checkpoint, which for an 8B model takes longer than the default 10 minutes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(choose_device(device_flag, world, local_rank, torch.cuda.is_available()))
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+        torch.cuda.set_device(device)
+    rank = 0
+    if world > 1:
+        timeout = timedelta(minutes=60)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+        rank = dist.get_rank()
+    return device, rank, world
+
+
+def run_main(main):
+    """Runs a script's main() and ends the process with its code (main's return value or its sys.exit code).
+    Under torchrun, after a clean run gloo's worker threads can abort the interpreter's finalization ("terminate
+    called without an active exception", about 1 run in 6; pytorch/pytorch#179291). Every file is closed and the
+    process group destroyed by then, so the process ends without finalizing."""
+    try:
+        code = main() or 0
+    except SystemExit as e:  # argparse's and main's sys.exit(N)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def on_rank0(rank, fn):
+    """fn() on rank 0, which owns the files; its result, or the error that stops everyone, goes to every rank so
+    that none waits forever."""
+    message = [None, None]
+    if rank == 0:
+        try:
+            message = [None, fn()]
+        except (ValueError, OSError) as e:
+            message = [str(e), None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise ValueError(message[0])
+    return message[1]
+
+
+def first_error(message, world):
+    """Every rank learns whether any rank failed (so none waits forever in a collective); the first message wins."""
+    if world == 1:
+        return message
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), None)
+
+
+def all_ranks(ok, world, device):
+    """True when `ok` holds on every rank (a collective: every rank calls it)."""
+    if world == 1:
+        return ok
+    flag = torch.tensor(float(ok), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item() == 1
+
+
+def mean_across_ranks(metrics, world, device):
+    if world == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
+
+
+def load_examples(dataset, split, limit, world, device):
+    """data.load_dataset on every rank, but local rank 0 first: it downloads into the cache (if needed) while the
+    other ranks of its machine wait, then they read the cached file. A failure on any rank stops all of them."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    examples, error = None, None
+    if first:
+        try:
+            examples = data.load_dataset(dataset, split, limit)
+        except (ValueError, FileNotFoundError) as e:
+            error = e
+    everyone_ok = all_ranks(error is None, world, device)  # the others wait here while local rank 0 downloads
+    if error is not None:
+        raise error
+    if not everyone_ok:
+        raise FileNotFoundError(f"{dataset} {split}: loading failed on another rank (its error is above)")
+    return examples if first else data.load_dataset(dataset, split, limit)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Replicated (DDP) or sharded (FSDP2): chosen by the memory plan
+
+
+def device_memory(device):
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def peak_memory(device):
+    """Bytes: the most this process's GPU allocated, or on the CPU its peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def checkpointing_on(args, sharded):
+    """Activation checkpointing: on when sharded unless --activation-checkpointing off (an 8B model's activations
+    are ~18 GiB per 4 x 760-token micro-batch without it)."""
+    return args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and sharded)
+
+
+def plan_run(args, world, compute_dtype, sharded):
+    """The memory plan of this run's configuration (plan.py), simulated on the CPU: fake tensors, fake process
+    group, no weights."""
+    import plan
+    config, _ = plan.model_config(args.model)  # the HF config.json of the model, as a dict
+    return plan.simulate(config, world, sharded, compute_dtype, args.num_samples, args.questions_per_step,
+                         args.max_rationale_tokens, args.micro_batch_size,
+                         checkpointing=checkpointing_on(args, sharded), temperature=args.temperature,
+                         prompt_tokens=args.plan_prompt_tokens or plan.PROMPT_TOKENS)
+
+
+def choose_sharding(args, world, gpu_memory_gib, compute_dtype):
+    """--fsdp auto: FSDP2 when a replica would not fit, by the memory plan of the replicated run (only with a memory
+    limit to plan against: a GPU, or --gpu-memory). -> (sharded, the plan of the replicated run or None)"""
+    if world == 1 or args.fsdp != "auto":
+        return world > 1 and args.fsdp == "on", None
+    if gpu_memory_gib is None or args.no_plan:
+        return False, None
+    import plan
+    config, _ = plan.model_config(args.model)
+    if plan.replica_lower_bound(config, compute_dtype) > plan.FIT_FRACTION * gpu_memory_gib * plan.GiB:
+        return True, None  # weights, gradients and moments alone do not fit: no need to simulate the replica
+    replicated = plan_run(args, world, compute_dtype, sharded=False)
+    return not plan.fits(replicated, gpu_memory_gib), replicated
+
+
+def preflight_plan(args, rank, world, compute_dtype, sharded, gpu_memory):
+    """The memory plan of a GPU run, printed in full by rank 0 before any model is loaded; simulated in a subprocess
+    (`train.py --plan`: its fake process group must not meet this process's real one). -> a short summary for the
+    preflight line."""
+    if gpu_memory is None:
+        return "no memory plan (CPU)"
+    if args.no_plan or rank != 0:
+        return "memory plan skipped (--no-plan)"
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    cmd = [sys.executable, train_py, "--plan", "--model", args.model, "--nproc", str(world),
+           "--gpu-memory", str(gpu_memory), "--fsdp", "on" if sharded else "off",
+           "--activation-checkpointing", "on" if checkpointing_on(args, sharded) else "off",
+           "--dtype", str(compute_dtype)[6:], "--num-samples", str(args.num_samples),
+           "--questions-per-step", str(args.questions_per_step), "--micro-batch-size", str(args.micro_batch_size),
+           "--max-rationale-tokens", str(args.max_rationale_tokens), "--temperature", str(args.temperature)] + \
+        (["--plan-prompt-tokens", str(args.plan_prompt_tokens)] if args.plan_prompt_tokens else [])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"memory plan failed ({(p.stderr.strip().splitlines() or ['?'])[-1]})"
+    print(p.stdout.rstrip(), flush=True)
+    return p.stdout.strip().splitlines()[-1].strip().split(" (")[0]
+
+
+def print_plan(args, world):
+    """--plan: the memory plan of the run these (checked) flags describe, on `world` GPUs of --gpu-memory GiB."""
+    import plan
+    compute_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16  # planned for GPUs: bf16 by default
+    gpu_memory = args.gpu_memory or 80.0
+    sharded, replicated = choose_sharding(args, world, gpu_memory, compute_dtype)
+    result = replicated if replicated is not None and not sharded else plan_run(args, world, compute_dtype, sharded)
+    _, alias = plan.model_config(args.model)
+    title = (f"memory plan | {args.model}{f' ({alias})' if alias and alias != args.model else ''} | {args.recipe} "
+             f"recipe: K={args.num_samples}, L={args.max_rationale_tokens}, {args.questions_per_step} questions/step, "
+             f"micro-batch {args.micro_batch_size} | {world} x {gpu_memory:g} GiB | "
+             f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | {str(compute_dtype)[6:]} | "
+             f"activation checkpointing {'on' if checkpointing_on(args, sharded) else 'off'} | rank 0 of {world}")
+    print(plan.format_plan(result, title, gpu_memory), flush=True)
+
+
+def device_mesh(device_type, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (world,))
+
+
+def shard(model, mesh, mp_policy, reshard_root=None):
+    """FSDP2: each block is one all-gather / reduce-scatter unit; the root holds the embedding, norm and lm_head.
+    reshard_root: free the root's gathered parameters after forward (default: kept for the backward)."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    return fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_root)
+
+
+def wrap_policy(policy, mesh, compute_dtype, world, device, ddp=True):
+    """FSDP2 when `mesh` is given (compute in compute_dtype, gradients reduced in fp32), else DDP when world > 1.
+    cast_forward_inputs=False: the blocks take the fp32 RoPE tables as arguments, and casting them to bf16 would
+    make the trained policy differ from the bf16 sampler that drew the rationales (which keeps them fp32).
+    ddp=False leaves a replicated policy unwrapped (the memory plan: DDP cannot run on fake tensors)."""
+    if mesh is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        return shard(policy, mesh, MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                        cast_forward_inputs=False))
+    if world > 1 and ddp:
+        # gradient_as_bucket_view: gradients live in DDP's communication buckets instead of next to a copy of them
+        return DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)
+    return policy
+
+
+def wrap_reference(reference, mesh):
+    """The frozen reference is sharded too when the policy is (it only runs forward: one block gathered at a time)."""
+    if mesh is None:
+        return reference
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    # a forward-only module has no backward to keep the root's gathered embedding and lm_head for
+    return shard(reference, mesh, MixedPrecisionPolicy(cast_forward_inputs=False), reshard_root=True)
+
+
+def load_sharded(source, device, dtype, wrap):
+    """A model sharded by `wrap` (FSDP2) without any rank holding all of it: built and sharded on the meta device,
+    each rank allocates its own shards, then rank 0 reads the checkpoint on the CPU and broadcasts it one tensor at
+    a time, every rank keeping its slice (an 8B policy in fp32 is 30 GiB per GPU if loaded whole)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model, tokenizer, directory = build_on_meta(source)
+    model = wrap(model.to(dtype))
+    model.to_empty(device=device)
+    state = read_state(directory, model, "cpu", dtype) if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.rope.reset(device)
+    return model.eval(), tokenizer
+
+
+class Models(NamedTuple):
+    policy: torch.nn.Module     # fp32 master weights, maybe DDP/FSDP2-wrapped: the one that is trained
+    sampler: torch.nn.Module    # generates and scores without grad: a compute-dtype copy, or the policy itself
+    reference: torch.nn.Module  # frozen pi_ref of the KL term, in the compute dtype; sharded like the policy
+    tokenizer: object
+
+
+def build_models(args, device, world, compute_dtype, sharded):
+    """The run's three models, replicated (DDP when world > 1) or sharded (FSDP2); loaded from --resume's
+    checkpoint if given (the reference always from --model)."""
+    source = args.resume or args.model
+    sampler = None
+    if compute_dtype != torch.float32 or sharded:
+        sampler, _ = load(source, device=device, dtype=compute_dtype)
+        sampler.requires_grad_(False)
+    if sharded:
+        mesh = device_mesh(device.type, world)
+        policy, tokenizer = load_sharded(source, device, torch.float32,
+                                         lambda m: wrap_policy(m, mesh, compute_dtype, world, device))
+        reference, _ = load_sharded(args.model, device, compute_dtype, lambda m: wrap_reference(m, mesh))
+    else:
+        policy, tokenizer = load(source, device=device, dtype=torch.float32)
+        reference, _ = load(args.model, device=device, dtype=compute_dtype)
+        policy = wrap_policy(policy, None, compute_dtype, world, device)
+    reference.requires_grad_(False)
+    unwrap(policy).checkpoint_layers = checkpointing_on(args, sharded)
+    return Models(policy, sampler if sampler is not None else unwrap(policy), reference, tokenizer)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inside a step
+
+
+def grad_sync(policy):
+    """-> before_forward(is_last), called before each micro-batch's forward: whether its backward all-reduces
+    (DDP) or reduce-scatters (FSDP2) the gradients. FSDP2 reduce-scatters every micro-batch: skipping it would keep
+    every parameter's unsharded fp32 gradient on every rank until the last one (30 GiB for 8B). DDP all-reduces on
+    the last micro-batch only: its gradient is a replica anyway, and skipping saves the traffic."""
+    if isinstance(policy, DistributedDataParallel):
+        def before_forward(is_last):
+            policy.require_backward_grad_sync = is_last
+    elif hasattr(policy, "set_requires_gradient_sync"):  # FSDP2
+        def before_forward(is_last):
+            policy.set_requires_gradient_sync(True)
+    else:  # one process: nothing to synchronise
+        def before_forward(is_last):
+            pass
+    return before_forward
+
+
+@torch.no_grad()
+def refresh_sampler(sampler, policy):
+    """Copies the updated fp32 policy into the sampling copy. Sharded: each shard is cast to the sampler's dtype
+    before the all-gather (half the traffic and a bf16, not fp32, gathered tensor)."""
+    for s, p in zip(sampler.parameters(), unwrap(policy).parameters()):
+        s.copy_(p.to(s.dtype).full_tensor() if hasattr(p, "full_tensor") else p)
