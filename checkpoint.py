@@ -33,7 +33,7 @@ CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 # then recorded in trainer_state.json).
 RECIPE = ("dataset", "split", "limit", "method", "steps", "questions_per_step", "num_samples", "lr", "warmup_steps",
           "weight_decay", "grad_clip", "beta", "answer_weight", "max_rationale_tokens", "temperature", "top_p",
-          "top_k", "no_nonstop_penalty", "penalty_factor", "seed")
+          "top_k", "no_nonstop_penalty", "penalty_factor", "seed", "reward")
 # Flags that belong to one invocation, never restored from the checkpoint.
 PER_INVOCATION = ("resume", "out", "overwrite", "device", "explicit", "allow_recipe_change", "model", "plan", "nproc",
                   "gpu_memory", "no_plan", "plan_prompt_tokens")

@@ -45,14 +45,15 @@ from parallel import on_rank0, run_main, setup_distributed
 
 
 def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samples=0, temperature=1.0, top_p=1.0,
-             seed=0, greedy=True, on_records=None):
+             seed=0, greedy=True, on_records=None, compiled=False):
     """Evaluates `model` on `examples`; returns (records in question order, summary). No file I/O.
 
     greedy: one greedy rationale per question (the paper's main numbers). samples: K sampled rationales per question
     at `temperature` for maj@K and pass@K (0 = none). Under torch.distributed, each round of world_size × batch_size
     questions is split across ranks and the records are gathered, so every rank returns what one process would. The
     batch starting at question i samples with seed + i, so sampled results do not depend on the number of processes.
-    on_records(new_records) is called on every rank after each round, in question order.
+    on_records(new_records) is called on every rank after each round, in question order. compiled: decode with
+    model.generate's compiled fixed-shape step (the same tokens).
     """
     if not greedy and not samples:
         raise ValueError("evaluate: nothing to do (greedy=False and samples=0)")
@@ -66,7 +67,7 @@ def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samp
         first = start + rank * batch_size
         mine = examples[first:first + batch_size]
         new = evaluate_batch(model, tokenizer, mine, max_new_tokens, greedy, samples, temperature, top_p,
-                             seed + first) if mine else []
+                             seed + first, compiled) if mine else []
         if distributed:  # every rank joins every round, even with no questions left, so the gather cannot hang
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, new)
@@ -81,7 +82,8 @@ def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samp
     return records, summary
 
 
-def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, temperature, top_p, seed) -> list[dict]:
+def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, temperature, top_p, seed,
+                   compiled=False) -> list[dict]:
     """One batch of questions: a greedy rationale each and/or `samples` sampled ones; one record per question."""
     prompts = [data.chat_prompt(tokenizer, ex) for ex in examples]
     stop_ids = set(model.args.eos_token_ids)
@@ -95,14 +97,15 @@ def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, 
         gold = {"gold": ex.label, "gold_text": ex.answer} if ex.task == "arc" else {"gold": canonical_number(ex.answer)}
         records.append({"id": ex.id, "prompt": tokenizer.decode(prompt)} | gold)
     if greedy:
-        for ex, record, ids in zip(examples, records, generate(model, prompts, max_new_tokens, temperature=0.0)):
+        for ex, record, ids in zip(examples, records, generate(model, prompts, max_new_tokens, temperature=0.0,
+                                                                     compiled=compiled)):
             text, finished = decode(ids)
             answer = extract_answer(ex, text)
             record |= {"rationale": text, "answer": answer, "correct": is_correct(ex, answer),
                        "official_correct": official_correct(ex, text), "tokens": len(ids), "finished": finished}
     if samples:
         outputs = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                           num_samples=samples, seed=seed)
+                           num_samples=samples, seed=seed, compiled=compiled)
         for i, (ex, record) in enumerate(zip(examples, records)):
             rows = outputs[i * samples:(i + 1) * samples]
             texts = [decode(ids)[0] for ids in rows]
@@ -499,7 +502,7 @@ def run(args, rank) -> int:
 
         _, run_summary = evaluate(model, tokenizer, pending, args.max_new_tokens, args.batch_size, args.samples,
                                   args.temperature, args.top_p, args.seed, greedy=not args.no_greedy,
-                                  on_records=on_records if rank == 0 else None)
+                                  on_records=on_records if rank == 0 else None, compiled=args.compile)
     if rank != 0:
         return 0
 
@@ -541,6 +544,7 @@ def parse_args(argv):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for --samples (paper: 1.0, i.e. off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for --samples")
     p.add_argument("--no-greedy", action="store_true", help="with --samples: skip the greedy pass")
+    p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd fixed-shape step")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--out", help="results .jsonl (default: runs/eval/<model>-<dataset>-<split>[-k<K>-t<T>].jsonl); "
                                  "a summary .summary.json is written next to it")

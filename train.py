@@ -75,8 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off (as the official code)")
     p.add_argument("--beta", type=float, default=None, help="KL coefficient (paper: 0.05 gsm8k, 0.25 arc)")
-    p.add_argument("--answer-weight", type=float, default=1.0,
-                   help="alpha on -log pi(y|x,z): 1 as the paper's Eq. 4; the official code used 0")
+    p.add_argument("--reward", choices=("self", "exact"), default="self",
+                   help="self: R = log pi(y|x,z), LaTRO; exact: R = 1 if the stated answer is right (the "
+                   "verifiable-reward RLOO baseline, same KL and advantages)")
+    p.add_argument("--answer-weight", type=float, default=None,
+                   help="alpha on -log pi(y|x,z): 1 as the paper's Eq. 4 (the official code used 0); default 1 for "
+                   "--reward self, 0 for exact")
     p.add_argument("--max-rationale-tokens", type=int, default=None, help="L (paper: 500)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -85,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--penalty-factor", type=float, default=2.0, help="gamma: R := gamma * batch-mean R if not stopped")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype (master weights are always fp32); auto = bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="sample with the torch.compile'd fixed-shape decoding step (CUDA graphs on GPU)")
     p.add_argument("--fsdp", choices=("auto", "on", "off"), default="auto",
                    help="shard params, grads and optimizer state with FSDP2; auto = when a replica would not fit")
     p.add_argument("--activation-checkpointing", nargs="?", const="on", choices=("auto", "on", "off"), default="auto",
@@ -149,6 +155,8 @@ def fill_defaults(args):
             setattr(args, key, preset[key])
     args.steps = args.steps if args.steps is not None else preset["steps"][name]
     args.beta = args.beta if args.beta is not None else BETA[name]
+    if args.answer_weight is None:  # the verifiable-reward baseline trains on its reward alone, as GRPO/RLOO do
+        args.answer_weight = 0.0 if args.reward == "exact" else 1.0
     args.eval_max_new_tokens = args.eval_max_new_tokens or args.max_rationale_tokens
     args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume
                             else os.path.join("runs", f"{args.method}-{os.path.basename(args.dataset).split('.')[0]}"))
@@ -211,12 +219,13 @@ def latro_step(models, cfg, autocast, before_forward, batch, prompts, seeds, pro
     ro = latro.sample(sampler, tokenizer, prompts, [e.answer_text for e in batch], cfg, seeds=seeds,
                       progress=progress)
     t_sampled = time.time()
-    terms = latro.compute_advantages(sampler, reference, ro, cfg, progress=progress)
-    m = rollout_metrics(ro, terms, time_sample=t_sampled - t0, time_score=time.time() - t_sampled)
     K = cfg.num_samples
-    # accuracy of the answer each rationale itself states, extracted as eval.py does
-    m["accuracy"] = sum(evaluation.is_correct(batch[i // K], evaluation.extract_answer(batch[i // K], text))
-                        for i, text in enumerate(ro.rationales)) / len(ro.rationales)
+    # whether each rationale states the gold answer, extracted as eval.py does: logged, and --reward exact's R
+    correct = [evaluation.is_correct(batch[i // K], evaluation.extract_answer(batch[i // K], text))
+               for i, text in enumerate(ro.rationales)]
+    terms = latro.compute_advantages(sampler, reference, ro, cfg, correct=torch.tensor(correct), progress=progress)
+    m = rollout_metrics(ro, terms, time_sample=t_sampled - t0, time_score=time.time() - t_sampled)
+    m["accuracy"] = sum(correct) / len(correct)
     t1 = time.time()
     with autocast:
         m.update(latro.backward_on_rollout(policy, ro, terms.advantages, cfg, before_forward=before_forward,
@@ -321,7 +330,7 @@ def run(args, device, rank, world, resume_state, status):
         num_samples=args.num_samples, beta=args.beta, answer_weight=args.answer_weight,
         max_rationale_tokens=args.max_rationale_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, nonstop_penalty=not args.no_nonstop_penalty, penalty_factor=args.penalty_factor,
-        micro_batch_size=args.micro_batch_size)
+        micro_batch_size=args.micro_batch_size, reward=args.reward, compiled=args.compile)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         if resume_state:
@@ -332,12 +341,13 @@ def run(args, device, rank, world, resume_state, status):
     evaluator = None
     if args.eval_every:  # eval.py's own code path, on the held-out split, with the sampling copy of the policy
         eval_examples = parallel.load_examples(args.dataset, args.eval_split, args.eval_limit, world, device)
-        evaluator = lambda: evaluation.evaluate(sampler, tokenizer, eval_examples, args.eval_max_new_tokens)[1]
+        evaluator = lambda: evaluation.evaluate(sampler, tokenizer, eval_examples, args.eval_max_new_tokens,
+                                                compiled=args.compile)[1]
 
     # Built once: the step function, the autocast context (FSDP2 casts through its MixedPrecisionPolicy instead)
     # and the gradient-sync rule that runs before each micro-batch's forward.
-    autocast = torch.autocast("cuda", dtype=compute_dtype) if device.type == "cuda" and not sharded \
-        and compute_dtype != torch.float32 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=compute_dtype) if not sharded and compute_dtype != torch.float32 \
+        else nullcontext()
     before_forward = parallel.grad_sync(policy)
     if args.method == "latro":
         step_fn = functools.partial(latro_step, models, cfg, autocast, before_forward)

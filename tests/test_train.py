@@ -142,6 +142,23 @@ def test_sft_baseline_lowers_its_loss(tmp_path, tiny_llama_dir, gsm_file):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+def test_exact_reward_run_records_its_objective(tmp_path, tiny_llama_dir, gsm_file):
+    """--reward exact (the verifiable-reward baseline) end to end, sampling with --compile: the run records the
+    objective it optimised (alpha defaults to 0 for it), and its logged reward is a fraction of the rows, as
+    R in {0, 1} makes it."""
+    out = str(tmp_path / "exact")
+    run(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", out, "--reward", "exact", "--compile",
+         "--no-save", *SMALL])
+    recorded = json.load(open(os.path.join(out, "config.json")))
+    assert recorded["latro"]["reward"] == "exact" and recorded["latro"]["answer_weight"] == 0.0
+    assert recorded["latro"]["stop_strings"] and recorded["latro"]["compiled"] is True
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(rows) == 2
+    for r in rows:  # 4 questions x K=3 = 12 rows per step
+        assert 0.0 <= r["reward"] <= 1.0 and (r["reward"] * 12) == pytest.approx(round(r["reward"] * 12))
+        assert r["loss_answer"] > 0  # still logged, weighted by alpha = 0
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--dataset", "no_such_dataset"], "no_such_dataset"),
     (["--num-samples", "1"], "--num-samples 1"),
