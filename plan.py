@@ -5,8 +5,8 @@
 How: the model is built from its config.json alone under FakeTensorMode (tensors with shapes, dtypes and devices
 but no data, so an 8B model costs nothing), and the trainer's own code runs on it as rank 0 of N on PyTorch's fake
 process group (backend "fake": every collective is a no-op that returns a tensor of the right shape). The same
-functions as a real run are called: parallel.py's build/wrap (FSDP2 per block + root, or a replica), the scoring forward and
-backward micro-batch by micro-batch (latro.backward_micro_batch -> span_logprobs -> token_logprobs ->
+functions as a real run are called: parallel.py's build/wrap (FSDP2 per block + root, or a replica), the scoring
+forward and backward micro-batch by micro-batch (latro.backward_micro_batch -> span_logprobs -> token_logprobs ->
 FusedLogProbs), AdamW, refresh_sampler, and sampling (model.prefill / model.decode_step, the KV cache at its full
 length) and the no-grad scoring with the sampler and the reference. torch.distributed._tools' FSDPMemTracker
 (sharded) or MemTracker (replicated) records every allocation by category; the frozen reference and the bf16
