@@ -2,6 +2,7 @@
 
     python bench.py --model /path/to/SmolLM2-135M-Instruct [--sections sample,score,greedy] [--device cpu|cuda]
                     [--samples 16 --new-tokens 128 --threads N --out results.json]
+    python bench.py --model /path/to/SmolLM2-135M-Instruct --sections step [-K 8 -L 128 --step-runs 1]
 
 Sections:
   sample  new tokens/s sampling `--samples` continuations of one GSM8K chat prompt, ours vs transformers,
@@ -17,10 +18,22 @@ Sections:
   reward  LaTRO's self-reward, mean log pi(y | x, z) over K sampled rationales, on the LAST --reward-questions of
           --reward-data (held out from a train.py run given --limit <file length - N>); run it on a model before
           and after training, with the same seed, to see whether training raised it on unseen questions.
+  step    one full LaTRO step on the first --step-questions GSM8K train questions (K rationales of at most L tokens,
+          --step-micro-batch rows per scoring/backward pass), ours vs the official pipeline, each in a fresh process.
+          Ours is what train.py runs per step: latro.sample (per-question seeds), compute_advantages (policy and
+          reference, no grad), backward_on_rollout, AdamW. The official pipeline (SalesforceAIResearch/LaTRO's
+          LatroTrainer, rewritten here on transformers, see official_step) generates exactly L tokens for every
+          row and scores log pi(z|x), log pi_ref(z|x), log pi(y|x,z) and then the loss through full logits +
+          log_softmax on rows left-padded to the full length. Prints seconds per phase (sample, score, backward,
+          optimizer), peak memory (RSS on CPU, torch.cuda.max_memory_allocated on CUDA) and that peak above the
+          loaded weights, with rows, tokens and forward positions; the rationales differ (different samplers).
+          --step-dtypes bfloat16: both pipelines load bf16 policy and reference weights and train them as such, no
+          autocast (not train.py's bf16 recipe, which keeps fp32 master weights); float32 is the primary number.
 
 transformers is the oracle here (requirements-dev.txt); it is imported lazily, only by the sections that compare.
 """
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -182,16 +195,23 @@ def score_worker(cfg):
     print("SCORE_RESULT " + json.dumps(out), flush=True)
 
 
-def run_score_worker(args, variant, dtype_name):
-    cfg = {"model": args.model, "device": args.device, "dtype": dtype_name, "variant": variant,
-           "threads": args.threads, "batch": args.score_batch, "seq_len": args.score_len,
-           "start": args.score_start, "runs": args.score_runs, "checkpoint": args.score_checkpoint}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--score-worker", json.dumps(cfg)],
+def run_worker(section, cfg):
+    """Runs this file with --{section}-worker cfg in a fresh process; returns the JSON line it printed."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--{section}-worker", json.dumps(cfg)],
                           capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("SCORE_RESULT ")]
+    tag = f"{section.upper()}_RESULT "
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(tag)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"score worker {variant}/{dtype_name} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("SCORE_RESULT "):])
+        raise RuntimeError(f"{section} worker {cfg['variant']}/{cfg['dtype']} failed (rc {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(tag):])
+
+
+def run_score_worker(args, variant, dtype_name):
+    return run_worker("score", {"model": args.model, "device": args.device, "dtype": dtype_name, "variant": variant,
+                                "threads": args.threads, "batch": args.score_batch, "seq_len": args.score_len,
+                                "start": args.score_start, "runs": args.score_runs,
+                                "checkpoint": args.score_checkpoint})
 
 
 def bench_score(args, dtype_name):
@@ -272,6 +292,238 @@ def bench_reward(args):
     print(f"reward: mean log pi(y|x,z) {result['mean_reward']:.3f} nats over {n} held-out questions x K="
           f"{args.reward_samples} (stop rate {result['stop_rate']:.2f}, rationale {result['rationale_len']:.1f} tok)",
           flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. step: one full LaTRO step, ours (train.py's per-step calls) vs the official pipeline, each in a fresh process
+
+STEP_PHASES = ("sample", "score", "backward", "optimizer")
+
+
+class PhaseMeter:
+    """Times the phases of a step and records each phase's peak memory above the state at construction (the loaded
+    weights and optimizer, before its first step): torch.cuda.max_memory_allocated on CUDA, peak RSS otherwise."""
+
+    def __init__(self, device):
+        self.device, self.cuda = device, torch.device(device).type == "cuda"
+        gc.collect()
+        sync(device)
+        self.load_peak_rss = peak_rss()      # since the process started: includes loading the weights
+        self.base_cuda = torch.cuda.memory_allocated() if self.cuda else 0
+        self.base_rss = reset_peak_rss()
+        self.times = {p: [] for p in STEP_PHASES}
+        self.peak_above = dict.fromkeys(STEP_PHASES, 0)
+        self.peak_abs = 0
+
+    def __call__(self, phase, fn):
+        sync(self.device)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        reset_peak_rss()
+        dt, out = timed(fn, self.device)
+        peak = torch.cuda.max_memory_allocated() if self.cuda else peak_rss()
+        above = peak - (self.base_cuda if self.cuda else self.base_rss)
+        self.times[phase].append(dt)
+        self.peak_above[phase] = max(self.peak_above[phase], above)
+        self.peak_abs = max(self.peak_abs, peak)
+        return out
+
+    def summary(self):
+        totals = [sum(ts) for ts in zip(*self.times.values())]
+        metric = "cuda_max_memory_allocated" if self.cuda else "rss"
+        return {"memory_metric": metric, "times_s": {**self.times, "total": totals},
+                "time_s": {**{p: statistics.median(t) for p, t in self.times.items()}, "total": statistics.median(totals)},
+                "weights_bytes": self.base_cuda if self.cuda else self.base_rss, "load_peak_rss_bytes": self.load_peak_rss,
+                "peak_bytes": self.peak_abs, "peak_above_weights_bytes": max(self.peak_above.values()),
+                "phase_peak_above_weights_bytes": self.peak_above}
+
+
+def ours_step(policy, reference, optimizer, tokenizer, prompts, answers, cfg, seeds, meter):
+    """What train.py runs per step for --method latro on one process in float32 (there the sampler is the policy)."""
+    import latro
+    ro = meter("sample", lambda: latro.sample(policy, tokenizer, prompts, answers, cfg, seeds=seeds))
+    terms = meter("score", lambda: latro.compute_advantages(policy, reference, ro, cfg))
+    m = meter("backward", lambda: latro.backward_on_rollout(policy, ro, terms.advantages, cfg))
+    meter("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+    # forward positions: each micro-batch is trimmed to its longest row, and the model reads tokens[:, :-1]
+    positions = sum(toks.shape[0] * (toks.shape[1] - 1) for toks, *_ in latro.micro_batches(ro, cfg.micro_batch_size))
+    z = [ro.tokens[i, p:r].tolist() for i, (p, r) in enumerate(zip(ro.prompt_end.tolist(), ro.rationale_end.tolist()))]
+    return {"rows": len(z), "generated_tokens": ro.sampled_tokens, "rationale_tokens": sum(map(len, z)),
+            "answer_tokens": int((ro.answer_end - ro.rationale_end).sum()), "stop_rate": ro.stopped.float().mean().item(),
+            "positions_score": 2 * positions, "positions_backward": positions, "loss": m["loss"],
+            "rationales": z, "logp": terms.logp.tolist(), "logp_ref": terms.logp_ref.tolist(),
+            "reward": terms.reward.tolist(), "advantages": terms.advantages.tolist()}
+
+
+def official_logprob(model, ids, attention, start):
+    """The official get_logprob_reward on left-padded rows: logits at every position (B, W, V), their log_softmax,
+    the gathered next-token log-probs, summed over the tokens at positions >= start. Position ids count real tokens
+    only, as its forward() makes them."""
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=attention.cumsum(1) - attention).logits
+    logprobs = torch.log_softmax(logits, dim=-1)
+    del logits
+    lp = torch.gather(logprobs[:, :-1], 2, ids[:, 1:, None])[..., 0]                  # lp[:, j] = log p(ids[:, j+1])
+    del logprobs
+    j = torch.arange(lp.shape[1], device=ids.device)
+    return (lp * (j >= start[:, None] - 1)).sum(1)
+
+
+def left_padded(rows, width, pad_id, device):
+    """(ids, attention mask) of token lists right-aligned in `width` columns, as the official pad_mask_rearrange
+    lays them out."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            attention[i, width - len(r):] = 1
+    return ids.to(device), attention.to(device)
+
+
+def official_step(policy, reference, optimizer, tokenizer, prompts, answers, cfg, seed, meter):
+    """One step of the official LatroTrainer (SalesforceAIResearch/LaTRO), rewritten on the same prompts, answer
+    tokens, K, L and micro-batch size: transformers generate to L new tokens for every row, the rationale cut, then
+    every log-prob through full logits + log_softmax + gather on rows padded to the full length: [x | L] for
+    log pi(z|x) and log pi_ref(z|x), [x | L | y] for R = log pi(y|x,z). Each no-grad micro-batch runs three
+    forwards (policy, reference, reward) and each training micro-batch two (rationale, reward), both graphs kept
+    until one backward, loss = mean(-A * log pi(z|x)) + alpha * mean(-R) over accumulation steps. R includes the
+    last rationale token (the official context length is one short); the non-stop penalty, KL and RLOO are as there.
+    Departures from the official code:
+      * generation: all rows in one generate call (official: rollout batches, default 16 rows), without
+        output_scores (official also returns and stacks the (rows, L, V) scores, then discards them), and
+        eos_token_id=None so every row decodes L tokens (official stops once every row of a rollout batch has
+        emitted EOS; EOS still ends the rationale at the cut here, as there);
+      * the cut: latro.cut_rationale (stop strings on decoded text, as ours) instead of token-id stop patterns,
+        and explicit attention masks instead of finding padding by pad_token_id;
+      * scoring in micro-batches of the training micro-batch size (official: whole rollout batches), without
+        output_hidden_states and without the gc.collect() / torch.cuda.empty_cache() calls;
+      * training micro-batches in order (official: a random permutation; every row has the same width);
+      * sft_penalty = cfg.answer_weight (1, as ours and the paper) instead of its default 0: the same work, since
+        the official step runs the reward forward and backward either way."""
+    import latro
+    K, L, mb, device = cfg.num_samples, cfg.max_rationale_tokens, cfg.micro_batch_size, policy.device
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    eos = set(tokenizer.eos_ids)
+    answer_ids = [tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eot_id] for a in answers]
+    x = [p for p in prompts for _ in range(K)]                                  # queries.repeat_interleave(K)
+    y = [a for a in answer_ids for _ in range(K)]
+    n, Tq, Ty = len(x), max(map(len, prompts)), max(map(len, answer_ids))
+    W1, W2 = Tq + L, Tq + L + Ty         # [query | response] and [query | response | final answer], full length
+
+    def sample():
+        q, qa = left_padded(x, Tq, pad, device)
+        torch.manual_seed(seed)
+        # Exactly L new tokens per row: eos_token_id=None turns off stopping (EOS stays sampleable; the cut below
+        # ends the rationale there); the official loop generates until every row of a rollout batch has ended.
+        out = policy.generate(input_ids=q, attention_mask=qa, do_sample=True, temperature=cfg.temperature, top_k=0,
+                              top_p=1.0, max_new_tokens=L, eos_token_id=None, pad_token_id=pad)
+        responses = out[:, Tq:].tolist()
+        assert all(len(r) == L for r in responses)
+        cut = [latro.cut_rationale(r, tokenizer, cfg.stop_strings, eos) for r in responses]
+        z = [c[0] for c in cut]
+        zr = left_padded([xi + zi for xi, zi in zip(x, z)], W1, pad, device)
+        rr = left_padded([xi + zi + yi for xi, zi, yi in zip(x, z, y)], W2, pad, device)
+        z_start = torch.tensor([W1 - len(zi) for zi in z], device=device)
+        # the official reward context ends one token before the answer: R includes the last rationale token too
+        y_start = torch.tensor([W2 - len(yi) - 1 for yi in y], device=device)
+        return z, torch.tensor([c[1] for c in cut], device=device), zr, rr, z_start, y_start
+
+    z, stopped, (zi, za), (ri, ra), z_start, y_start = meter("sample", sample)
+
+    @torch.no_grad()
+    def score():
+        logp, logp_ref, reward = (torch.zeros(n, device=device) for _ in range(3))
+        for i in range(0, n, mb):
+            s = slice(i, i + mb)
+            logp[s] = official_logprob(policy, zi[s], za[s], z_start[s])
+            logp_ref[s] = official_logprob(reference, zi[s], za[s], z_start[s])
+            reward[s] = official_logprob(policy, ri[s], ra[s], y_start[s])
+        penalised = torch.where(stopped, reward, cfg.penalty_factor * reward.mean()) if cfg.nonstop_penalty else reward
+        r = (penalised - cfg.beta * (logp - logp_ref)).view(-1, K)
+        advantages = (r - (r.sum(1, keepdim=True) - r) / (K - 1)).flatten()   # RLOO: r_k - mean of the others
+        return logp, logp_ref, reward, advantages
+
+    logp, logp_ref, reward, advantages = meter("score", score)
+
+    def backward():
+        total, steps = torch.zeros((), device=device), -(-n // mb)
+        for i in range(0, n, mb):
+            s = slice(i, i + mb)
+            rloo_loss = (-advantages[s] * official_logprob(policy, zi[s], za[s], z_start[s])).mean()
+            sft_loss = -official_logprob(policy, ri[s], ra[s], y_start[s]).mean()
+            loss = (rloo_loss + cfg.answer_weight * sft_loss) / steps            # accelerate's accumulation scaling
+            loss.backward()
+            total += loss.detach()
+        return total.item()
+
+    loss = meter("backward", backward)
+    meter("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+    return {"rows": n, "generated_tokens": n * L, "rationale_tokens": sum(map(len, z)),
+            "answer_tokens": sum(map(len, y)), "stop_rate": stopped.float().mean().item(),
+            "positions_score": n * (2 * W1 + W2), "positions_backward": n * (W1 + W2), "loss": loss,
+            "rationales": z, "logp": logp.tolist(), "logp_ref": logp_ref.tolist(), "reward": reward.tolist(),
+            "advantages": advantages.tolist()}
+
+
+def step_worker(cfg):
+    """Runs in a fresh process: loads policy and reference (ours: model.load; official: transformers), then runs
+    `runs` steps on the same questions (each with its step's seeds). Prints one JSON line."""
+    import latro
+    import train
+    torch.set_num_threads(cfg["threads"])
+    device, dtype = cfg["device"], DTYPES[cfg["dtype"]]
+    examples = data.load_dataset(cfg["data"], limit=cfg["questions"])
+    tokenizer = M.Tokenizer(M.resolve(cfg["model"]))
+    prompts, answers = [data.chat_prompt(tokenizer, e) for e in examples], [e.answer_text for e in examples]
+    lcfg = latro.LatroConfig(num_samples=cfg["samples"], max_rationale_tokens=cfg["tokens"],
+                             micro_batch_size=cfg["micro_batch"])
+    if cfg["variant"] == "ours":
+        policy, _ = M.load(cfg["model"], device=device, dtype=dtype)
+        reference, _ = M.load(cfg["model"], device=device, dtype=dtype)
+    else:
+        policy, reference = load_hf(cfg["model"], device, dtype), load_hf(cfg["model"], device, dtype)
+    reference.requires_grad_(False)
+    policy.train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=train.PAPER["lr"], betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=0.0, fused=torch.device(device).type == "cuda")
+    meter = PhaseMeter(device)
+    steps = []
+    for step in range(cfg["runs"]):
+        seeds = [train.question_seed(cfg["seed"], step, i) for i in range(len(examples))]
+        if cfg["variant"] == "ours":
+            steps.append(ours_step(policy, reference, optimizer, tokenizer, prompts, answers, lcfg, seeds, meter))
+        else:
+            steps.append(official_step(policy, reference, optimizer, tokenizer, prompts, answers, lcfg, seeds[0],
+                                       meter))
+    out = {"variant": cfg["variant"], "dtype": cfg["dtype"], **meter.summary(), **steps[0],
+           "losses": [s["loss"] for s in steps]}
+    print("STEP_RESULT " + json.dumps(out), flush=True)
+
+
+def bench_step(args, dtype_name):
+    cfg = {"model": args.model, "device": args.device, "dtype": dtype_name, "threads": args.threads,
+           "data": args.step_data, "questions": args.step_questions, "samples": args.step_samples,
+           "tokens": args.step_tokens, "micro_batch": args.step_micro_batch, "runs": args.step_runs, "seed": args.seed}
+    ours = run_worker("step", {**cfg, "variant": "ours"})
+    official = run_worker("step", {**cfg, "variant": "official"})
+    ratio = {f"time_{p}": ours["time_s"][p] / max(official["time_s"][p], 1e-12) for p in (*STEP_PHASES, "total")}
+    ratio["peak_above_weights"] = ours["peak_above_weights_bytes"] / max(official["peak_above_weights_bytes"], 1)
+    ratio["peak"] = ours["peak_bytes"] / max(official["peak_bytes"], 1)
+    result = {"dtype": dtype_name, "questions": args.step_questions, "samples": args.step_samples,
+              "tokens": args.step_tokens, "micro_batch": args.step_micro_batch, "runs": args.step_runs,
+              "memory_metric": ours["memory_metric"], "ours": ours, "official": official, "ratio": ratio}
+    mib = 2**20
+    for name, r in (("ours", ours), ("official", official)):
+        t = r["time_s"]
+        print(f"step {dtype_name} {name}: " + ", ".join(f"{p} {t[p]:.2f}s" for p in (*STEP_PHASES, "total")) +
+              f"; peak {r['peak_bytes'] / mib:.0f} MiB ({r['memory_metric']}), {r['peak_above_weights_bytes'] / mib:.0f}"
+              f" MiB above the loaded weights; {r['rows']} rows, {r['generated_tokens']} tokens generated, "
+              f"{r['rationale_tokens']} rationale + {r['answer_tokens']} answer tokens scored, forward positions "
+              f"{r['positions_score']} no-grad + {r['positions_backward']} with grad, stop rate {r['stop_rate']:.2f}",
+              flush=True)
+    print(f"step {dtype_name}: ours/official total time {ratio['time_total']:.3f}, peak above weights "
+          f"{ratio['peak_above_weights']:.3f} (median of {args.step_runs} step(s), no warm-up)", flush=True)
     return result
 
 
@@ -364,6 +616,22 @@ def table(results):
                      f"{r['baseline'][k] / 2**20:>16.0f}{r['memory_ratio']:>10.3f}  <= 0.25")
         lines.append(f"{'score ' + r['dtype'] + ' time s':<22}{r['ours']['time_s']:>16.2f}"
                      f"{r['baseline']['time_s']:>16.2f}{r['time_ratio']:>10.3f}  <= 1.0")
+    for r in results.get("step", []):
+        o, b, q = r["ours"], r["official"], r["ratio"]
+        tag = "step " + {"float32": "fp32", "bfloat16": "bf16"}.get(r["dtype"], r["dtype"])
+        for p in (*STEP_PHASES, "total"):
+            lines.append(f"{tag + ' ' + p + ' s':<22}{o['time_s'][p]:>16.2f}{b['time_s'][p]:>16.2f}"
+                         f"{q['time_' + p]:>10.3f}  vs official")
+        unit = "GPU" if r["memory_metric"].startswith("cuda") else "RSS"
+        lines.append(f"{tag + ' peak ' + unit + ' MiB':<22}{o['peak_bytes'] / 2**20:>16.0f}"
+                     f"{b['peak_bytes'] / 2**20:>16.0f}{q['peak']:>10.3f}  vs official")
+        lines.append(f"{tag + ' over wts MiB':<22}{o['peak_above_weights_bytes'] / 2**20:>16.0f}"
+                     f"{b['peak_above_weights_bytes'] / 2**20:>16.0f}{q['peak_above_weights']:>10.3f}  "
+                     f"peak above the loaded weights")
+        for key, label in (("generated_tokens", "generated"), ("positions_score", "no-grad pos"),
+                           ("positions_backward", "grad pos")):
+            lines.append(f"{tag + ' ' + label:<22}{o[key]:>16}{b[key]:>16}{o[key] / max(b[key], 1):>10.3f}  "
+                         f"{o['rows']} rows each")
     if "greedy" in results:
         g = results["greedy"]
         lines.append(f"{'greedy identical':<22}{g['identical']:>14}/{g['n']}{'':>16}{'':>10}  vs transformers")
@@ -403,12 +671,22 @@ def parse_args(argv=None):
     p.add_argument("--reward-questions", type=int, default=32, help="the last N questions of --reward-data")
     p.add_argument("--reward-samples", type=int, default=8, help="K rationales per question")
     p.add_argument("--reward-tokens", type=int, default=128, help="rationale length limit L")
+    p.add_argument("--step-data", default=GSM8K.replace("test.jsonl", "train.jsonl"),
+                   help="questions for the step section: the first --step-questions of this jsonl")
+    p.add_argument("--step-questions", type=int, default=4)
+    p.add_argument("-K", "--step-samples", type=int, default=8, help="step section: rationales per question")
+    p.add_argument("-L", "--step-tokens", type=int, default=128, help="step section: rationale length limit")
+    p.add_argument("--step-micro-batch", type=int, default=4, help="step section: rows per scoring/backward pass")
+    p.add_argument("--step-runs", type=int, default=1, help="step section: steps per pipeline (median reported)")
+    p.add_argument("--step-dtypes", default="float32",
+                   help="step section: float32 and/or bfloat16 (bf16 weights for policy and reference, no autocast)")
     p.add_argument("--gpu-shape", choices=tuple(GPU_SHAPES), default="llama-3.2-1b")
     p.add_argument("--gpu-questions", type=int, default=2, help="questions per step in the gpu section")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB the gpu section's plan is checked against")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write all results as JSON here")
     p.add_argument("--score-worker", help=argparse.SUPPRESS)  # internal: one score variant in a fresh process
+    p.add_argument("--step-worker", help=argparse.SUPPRESS)   # internal: one step pipeline in a fresh process
     return p.parse_args(argv)
 
 
@@ -416,13 +694,15 @@ def main(argv=None):
     args = parse_args(argv)
     if args.score_worker:
         return score_worker(json.loads(args.score_worker))
+    if args.step_worker:
+        return step_worker(json.loads(args.step_worker))
     if not args.model:
         sys.exit("bench.py: --model is required")
     torch.set_num_threads(args.threads)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     print(f"device {args.device}, threads {args.threads}, torch {torch.__version__}, model {args.model}", flush=True)
-    results = {"config": {k: v for k, v in vars(args).items() if k != "score_worker"}}
+    results = {"config": {k: v for k, v in vars(args).items() if not k.endswith("_worker")}}
     for section in sections:
         if section == "sample":
             results["sample"] = [bench_sample(args, d) for d in dtypes]
@@ -434,8 +714,10 @@ def main(argv=None):
             results["reward"] = bench_reward(args)
         elif section == "gpu":
             results["gpu"] = bench_gpu(args)
+        elif section == "step":
+            results["step"] = [bench_step(args, d.strip()) for d in args.step_dtypes.split(",") if d.strip()]
         else:
-            sys.exit(f"bench.py: unknown section {section!r} (sample, score, greedy, reward, gpu)")
+            sys.exit(f"bench.py: unknown section {section!r} (sample, score, greedy, reward, gpu, step)")
     print(table(results))
     if args.out:
         with open(args.out, "w") as f:
