@@ -139,8 +139,31 @@ def bench_sample(args, dtype_name):
         result["compiled_speedup"] = result["ours_compiled"]["tok_s"] / result["ours"]["tok_s"]
         print(f"sample {dtype_name}: ours compiled {result['ours_compiled']['tok_s']:.1f} tok/s, "
               f"{result['compiled_speedup']:.2f}x ours eager", flush=True)
+    limit = matmul_limit_tok_s(ours, K, device)
+    result["matmul_limit_tok_s"] = limit
+    result["fraction_of_limit"] = {k: result[k]["tok_s"] / limit for k in ("ours", "ours_compiled", "transformers")
+                                   if k in result}
+    print(f"sample {dtype_name}: matmul limit {limit:.1f} tok/s (every weight matrix once per step at {K} rows, "
+          f"timed alone); ours reaches {result['fraction_of_limit']['ours']:.0%} of it", flush=True)
     del ours, hf
     return result
+
+
+def matmul_limit_tok_s(model, rows, device, runs=5):
+    """The decoding speed this machine's matmuls allow: one decoding step multiplies `rows` activations by every
+    weight matrix (attention, MLP, lm_head) once; timed alone, with nothing else (no attention over the cache, no
+    norms, no sampling), that is an upper bound on tokens/s."""
+    mats = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("embed", "lm_head"))]
+    mats.append(model.output_weight())
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device, dtype=w.dtype) for w in mats}
+
+    def one_step():
+        with torch.no_grad():
+            for w in mats:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+
+    timed(one_step, device)
+    return rows / statistics.median(timed(one_step, device)[0] for _ in range(runs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
