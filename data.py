@@ -253,7 +253,7 @@ def write_atomic(dest: Path, body: bytes) -> None:
         raise
 
 
-def resolve(name_or_path: str, split: str) -> Path:
+def split_file(name_or_path: str, split: str) -> Path:
     """The local .jsonl file holding `split` of a named dataset or path, downloading it into the cache if needed."""
     if name_or_path not in SPLITS:
         path = Path(name_or_path).expanduser()
@@ -297,7 +297,7 @@ def load_dataset(name_or_path: str, split: str = "train", limit: int | None = No
         raise ValueError(f"limit must be a positive number of questions, got {limit}")
     if name_or_path == "arith":
         return arith_examples(split)[:limit]
-    path = resolve(name_or_path, split)
+    path = split_file(name_or_path, split)
     examples = read_jsonl(path, limit=limit)
     found = task_name(examples[0].task)
     if name_or_path in SPLITS and found != name_or_path:
@@ -317,7 +317,7 @@ def detect_task(name_or_path: str, split: str = "train") -> str:
     if name_or_path in SPLITS:
         return "gsm8k" if name_or_path == "arith" else name_or_path  # arith is in the GSM8K layout
     try:
-        with open(resolve(name_or_path, split), encoding="utf-8") as f:
+        with open(split_file(name_or_path, split), encoding="utf-8") as f:
             first = next(line for line in f if line.strip())
         layout = detect_layout(json.loads(first))
     except (OSError, ValueError, StopIteration, AttributeError):
