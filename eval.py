@@ -483,7 +483,8 @@ def run(args, rank) -> int:
         print(f"{args.model} on {args.dataset} ({settings['split'] or 'file'}): {len(examples)} questions, "
               f"{len(examples) - len(pending)} already in {out}, {len(pending)} to go", flush=True)
     if pending:
-        model, tokenizer = load(args.model, device=device)
+        model, tokenizer = load(args.model, device=device, dtype={"float32": torch.float32,
+                                                                  "bfloat16": torch.bfloat16}.get(args.dtype))
         check_context(model, tokenizer, pending, args.max_new_tokens)
         on_rank0(rank, lambda: start_output(out, settings, args.overwrite))  # inputs loaded: now create outputs
         start, new_records = time.time(), []
@@ -545,6 +546,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="sampling seed for --samples")
     p.add_argument("--no-greedy", action="store_true", help="with --samples: skip the greedy pass")
     p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd fixed-shape step")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights' dtype; auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--out", help="results .jsonl (default: runs/eval/<model>-<dataset>-<split>[-k<K>-t<T>].jsonl); "
                                  "a summary .summary.json is written next to it")
@@ -577,7 +580,8 @@ def run_settings(args) -> dict:
     is_file = args.dataset.endswith(".jsonl") or Path(args.dataset).is_file()
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.samples else {}
     return {"model": args.model, "dataset": args.dataset, "split": None if is_file else args.split,
-            "max_new_tokens": args.max_new_tokens, "greedy": not args.no_greedy, "samples": args.samples} | sampling
+            "max_new_tokens": args.max_new_tokens, "greedy": not args.no_greedy, "samples": args.samples} | sampling \
+        | ({"dtype": args.dtype} if args.dtype != "auto" else {})  # bf16 changes answers (files before it: auto)
 
 
 def default_out(args) -> Path:
