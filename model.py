@@ -476,14 +476,16 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, uniforms=None):
     return torch.minimum(picked, (cdf >= total).int().argmax(-1))
 
 
-def prefill(model, prompts, num_samples, max_new_tokens):
+def prefill(model, prompts, num_samples, max_new_tokens, round_to=1):
     """Prefills each prompt once (right-padded; padding sits after the prompt and is masked by position), then
     copies its cache into its K sample rows: the RL case samples 16 rationales of one question.
-    -> (KVCache with B = P * K rows and room for max_new_tokens more, logits (B, V) fp32 of each row's next token)"""
+    -> (KVCache with B = P * K rows and room for max_new_tokens more, its length rounded up to a multiple of
+    round_to; logits (B, V) fp32 of each row's next token)"""
     device, K, P = model.embed_tokens.weight.device, num_samples, len(prompts)
     max_prompt = max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    caches = KVCache(model.args, P * K, max_prompt + max_new_tokens, device, model.embed_tokens.weight.dtype)
+    cache_len = -(-(max_prompt + max_new_tokens) // round_to) * round_to
+    caches = KVCache(model.args, P * K, cache_len, device, model.embed_tokens.weight.dtype)
     padded = pad_right(prompts, device)
     per_prompt = KVCache(model.args, P, max_prompt, device, caches.k[0].dtype)
     positions = torch.arange(max_prompt, device=device).expand(P, max_prompt)
@@ -549,7 +551,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
             raise ValueError(f"generate: got {len(seeds)} seeds for {P} prompts")
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     B = P * K
-    caches, logits = prefill(model, prompts, K, max_new_tokens)                           # logits (B, V)
+    # compiled: the cache length rounded up to 256, so batches whose prompts differ a little in length share one
+    # compiled graph (a new shape means a new compilation)
+    caches, logits = prefill(model, prompts, K, max_new_tokens, round_to=256 if compiled else 1)  # logits (B, V)
     if compiled and device.type == "cuda":
         for t in caches.k + caches.v:  # written in place by the graph: CUDA graphs need them at fixed addresses
             torch._dynamo.mark_static_address(t)
