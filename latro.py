@@ -41,8 +41,9 @@ Simplifications and choices versus the paper and its official code (SalesforceAI
   * One optimiser step per sampled batch, fully on-policy: no PPO ratio or clipping, no advantage whitening.
 
 The ablation (reward="exact"): the verifiable-reward baseline that GRPO/RLOO users run, in the same loop with the
-same KL and RLOO advantages. R(z) = 1 if the answer the completion states equals the gold answer, else 0; a
-completion that never stops gets 0. Sampling then runs to end-of-turn (no stop strings: the stated answer is part
+same KL and RLOO advantages. R(z) = 1 if the answer the completion states equals the gold answer, else 0, whether
+or not it stopped (as GRPO's accuracy rewards parse whatever was generated; the non-stop penalty, gamma * mean(R) >= 0,
+would pay a completion for not stopping, so it is off). Sampling then runs to end-of-turn (no stop strings: the stated answer is part
 of z), and the answer-likelihood weight is usually 0. LaTRO needs only the gold answer's likelihood; this baseline
 needs an answer checker. Comparing the two at one budget shows what the self-reward buys: a dense, graded signal
 (every rationale gets a log-likelihood, not a 0/1) that also moves when no sample is right yet.
@@ -230,8 +231,8 @@ def compute_advantages(policy, reference, ro, cfg, correct=None, progress=None):
         if progress is not None:
             progress("score", done=j + 1, total=len(batches), rows_finished=min((j + 1) * cfg.micro_batch_size, n),
                      rows=n, tokens=0)
-    if cfg.reward == "exact":                   # the ablation: R = 1[stated answer == gold], 0 if z never stopped
-        reward = (torch.as_tensor(correct, device=reward.device) & ro.stopped).float()
+    if cfg.reward == "exact":                                   # the ablation: R = 1[stated answer == gold]
+        reward = torch.as_tensor(correct, device=reward.device).float()
     penalised = reward
     if cfg.nonstop_penalty and cfg.reward == "self":         # non-stop penalty: R := gamma * mean(R) if not stopped
         penalised = penalised_reward(reward, ro.stopped, cfg.penalty_factor)
