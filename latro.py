@@ -45,8 +45,9 @@ same KL and RLOO advantages. R(z) = 1 if the answer the completion states equals
 or not it stopped (GRPO's accuracy rewards parse whatever was generated; the non-stop penalty, gamma * mean(R) >= 0,
 would pay a completion for not stopping, so it is off). Sampling then runs to end-of-turn (no stop strings: the
 stated answer is part of z), and the answer-likelihood weight is usually 0. LaTRO needs only the gold answer's
-likelihood; this baseline needs an answer checker. Comparing the two at one budget shows what the self-reward buys: a dense, graded signal
-(every rationale gets a log-likelihood, not a 0/1) that also moves when no sample is right yet.
+likelihood; this baseline needs an answer checker. Comparing the two at one budget shows what the self-reward
+buys: a dense, graded signal (every rationale gets a log-likelihood, not a 0/1) that also moves when no sample of a
+question is right yet.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
