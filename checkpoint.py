@@ -441,20 +441,29 @@ def truncate_metrics(path, last_step):
         write_metrics(path, read_metrics(path, last_step))
 
 
-def plot_curves(path_jsonl, path_png):
+def plot_curves(runs, path_png, keys=("eval_accuracy", "reward", "kl", "rationale_len", "stop_rate")):
+    """curves.png (if matplotlib is installed): one panel per logged quantity against the step. runs: a
+    metrics.jsonl path, or {label: path} to overlay several runs (the arms of an ablation). eval_accuracy, the
+    held-out accuracy, exists only at --eval-every steps."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = read_metrics(path_jsonl)
-    keys = [k for k in ("reward", "kl", "rationale_len", "stop_rate") if k in rows[0]] or ["loss"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
+    runs = runs if isinstance(runs, dict) else {None: runs}
+    logs = {label: read_metrics(path) for label, path in runs.items()}
+    keys = [k for k in keys if any(k in row for rows in logs.values() for row in rows)] or ["loss"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for label, rows in logs.items():
+            points = [(row["step"], row[k]) for row in rows if k in row]
+            if points:
+                ax.plot(*zip(*points), marker="o" if k == "eval_accuracy" else None, label=label)
         ax.set_title(k)
         ax.set_xlabel("step")
+    if len(logs) > 1:
+        axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path_png)
     plt.close(fig)
