@@ -82,7 +82,8 @@ def test_single_process_run_writes_metrics_and_checkpoints(single_run, tiny_llam
                 "advantage_std", "tokens_per_s", "peak_memory_gb", "lr"):
         assert key in rows[0], key
     assert rows[0]["lr"] == pytest.approx(1e-4) and rows[1]["lr"] == pytest.approx(5e-5)  # linear decay to 0
-    assert sorted(os.listdir(out)) >= ["checkpoint-000001", "checkpoint-000002", "config.json", "metrics.jsonl"]
+    # (curves.png too when matplotlib is installed)
+    assert {"checkpoint-000001", "checkpoint-000002", "config.json", "metrics.jsonl"} <= set(os.listdir(out))
     # weights moved away from the initial model
     initial = load_file(os.path.join(tiny_llama_dir, "model.safetensors"))
     final = weights(os.path.join(out, "checkpoint-000002"))
