@@ -583,18 +583,16 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
             progress(done=step + 1, total=max_new_tokens, rows_finished=finished, rows=B, tokens=n_tokens)
         if not keep or step == max_new_tokens - 1:
             break
-        if compiled:  # fixed shapes: every row decodes every step; a finished row's tokens are ignored above
-            logits = compiled_decode_step(device.type)(model, tokens, pos, caches)
-            pos = pos + 1
-            continue
-        if len(keep) <= 3 * len(rows) // 4:
+        if not compiled and len(keep) <= 3 * len(rows) // 4:
             # Drop finished rows once a quarter of the batch has finished: later steps compute only live rows.
             # (Compacting copies the cache, so it is done in a few big steps rather than at every finish.)
             idx = torch.tensor(keep, device=device)
             caches.select(idx)
             tokens, pos, rows = tokens[idx], pos[idx], [rows[j] for j in keep]
-        # attend only to slots some row has filled: row b has written its prompt and `step` sampled tokens
-        logits = decode_step(model, tokens, pos, caches, max(prompt_len[b] for b in rows) + step + 1)
+        if compiled:  # fixed shapes: every row decodes every step; a finished row's tokens are ignored above
+            logits = compiled_decode_step(device.type)(model, tokens, pos, caches)
+        else:  # attend only to slots some row has filled: row b has written its prompt and `step` sampled tokens
+            logits = decode_step(model, tokens, pos, caches, max(prompt_len[b] for b in rows) + step + 1)
         pos = pos + 1
     return out
 
