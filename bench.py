@@ -509,7 +509,7 @@ def step_worker(cfg):
     reference.requires_grad_(False)
     policy.train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=train.PAPER["lr"], betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=0.0, fused=torch.device(device).type == "cuda")
+                                  weight_decay=0.0, fused=True)
     if cfg.get("compile") and cfg["variant"] == "ours":
         # compile outside the meter, as a training run does once: the same rows and cache length as the step's
         # sampling (a warm-up run, like the sample section's)
@@ -608,7 +608,8 @@ def bench_gpu(args):
               "--dtype", "bfloat16", "--questions-per-step", str(args.gpu_questions), "--num-samples",
               str(args.samples), "--max-rationale-tokens", str(args.new_tokens), "--micro-batch-size", "4",
               "--lr", "1e-6", "--seed", str(args.seed), "--out", run_dir, "--save-every", "1",
-              "--gpu-memory", str(args.gpu_memory), "--plan-prompt-tokens", str(prompt_tokens)]
+              "--gpu-memory", str(args.gpu_memory), "--plan-prompt-tokens", str(prompt_tokens),
+              "--eval-every", "0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     here = os.path.dirname(os.path.abspath(__file__))
     first = subprocess.run([sys.executable, os.path.join(here, "train.py"), "--model", ckpt, "--steps", "2", *common],

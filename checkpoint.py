@@ -1,6 +1,6 @@
 """How a training run lives on disk: its run directory, checkpoints, resume state and metrics.
 
-A run directory (--out) holds config.json, metrics.jsonl (one line per step), curves.png and checkpoint-NNNNNN/
+A run directory (--out) holds config.json, metrics.jsonl (one line per step, plus a step-0 line holding the held-out accuracy before training), curves.png and checkpoint-NNNNNN/
 directories. Each checkpoint is the model in Hugging Face layout (it loads in transformers and vLLM) plus what an
 exact resume needs: the AdamW moments (one file, or one per rank when sharded), every rank's random-number state
 and trainer_state.json (the step and every flag). It is separate from train.py because none of it is the

@@ -38,7 +38,7 @@ import torch
 
 import data
 from model import generate, load
-from parallel import on_rank0, run_main, setup_distributed
+from parallel import auto_dtype, on_rank0, run_main, setup_distributed
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. The evaluation loop
@@ -472,8 +472,9 @@ def main(argv=None) -> int:
 
 def run(args, rank) -> int:
     out = Path(args.out) if args.out else default_out(args)
-    settings = run_settings(args)
     device, _, _ = setup_distributed(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or auto_dtype(device)
+    settings = run_settings(args, dtype)
     done = on_rank0(rank, lambda: check_output(out, settings, args.overwrite))
     examples = data.load_dataset(args.dataset, args.split, args.limit)
     selected = {ex.id for ex in examples}
@@ -483,8 +484,7 @@ def run(args, rank) -> int:
         print(f"{args.model} on {args.dataset} ({settings['split'] or 'file'}): {len(examples)} questions, "
               f"{len(examples) - len(pending)} already in {out}, {len(pending)} to go", flush=True)
     if pending:
-        model, tokenizer = load(args.model, device=device, dtype={"float32": torch.float32,
-                                                                  "bfloat16": torch.bfloat16}.get(args.dtype))
+        model, tokenizer = load(args.model, device=device, dtype=dtype)
         check_context(model, tokenizer, pending, args.max_new_tokens)
         on_rank0(rank, lambda: start_output(out, settings, args.overwrite))  # inputs loaded: now create outputs
         start, new_records = time.time(), []
@@ -547,7 +547,7 @@ def parse_args(argv):
     p.add_argument("--no-greedy", action="store_true", help="with --samples: skip the greedy pass")
     p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd fixed-shape step")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="weights' dtype; auto = bf16 on GPU, fp32 on CPU")
+                   help="weights' dtype; auto = bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--out", help="results .jsonl (default: runs/eval/<model>-<dataset>-<split>[-k<K>-t<T>].jsonl); "
                                  "a summary .summary.json is written next to it")
@@ -574,14 +574,14 @@ def parse_args(argv):
     return args
 
 
-def run_settings(args) -> dict:
+def run_settings(args, dtype) -> dict:
     """What must match for a results file to be resumed. Batch size and device are left out: they change no answers
     (up to floating-point noise)."""
     is_file = args.dataset.endswith(".jsonl") or Path(args.dataset).is_file()
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.samples else {}
     return {"model": args.model, "dataset": args.dataset, "split": None if is_file else args.split,
             "max_new_tokens": args.max_new_tokens, "greedy": not args.no_greedy, "samples": args.samples} | sampling \
-        | ({"dtype": args.dtype} if args.dtype != "auto" else {})  # bf16 changes answers (files before it: auto)
+        | ({"dtype": "bfloat16"} if dtype == torch.bfloat16 else {})  # bf16 changes answers (files before it: fp32)
 
 
 def default_out(args) -> Path:

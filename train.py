@@ -1,6 +1,7 @@
 """Trains a language model with LaTRO (latro.py), or with the paper's SFT baseline, on GSM8K or ARC-Challenge.
 
-    python train.py                                            # a first run on a laptop CPU: smollm2-135m, gsm8k
+    python train.py                                            # a first run on a laptop CPU: smollm2-135m learns
+                                                               # arith; held-out accuracy before and after
     python train.py --model llama-3.1-8b --dataset gsm8k      # the paper's hyperparameters (see PAPER below)
     torchrun --nproc_per_node 8 train.py --model llama-3.1-8b  # data-parallel; FSDP2 when replicas would not fit
     python train.py --resume runs/latro/checkpoint-000002      # continue a run exactly where it stopped
@@ -26,6 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,10 +42,12 @@ from model import ALIASES, pad_right, token_logprobs
 # The paper's recipe (§5.1 and the official training.sh): lr 5e-7, K = 16, L = 500, T = 1, AdamW without warm-up,
 # linear decay, 24 questions (384 rollouts) per step; 6 "epochs" of GSM8K rollouts = 117 steps, 12 of ARC = 35.
 PAPER = dict(lr=5e-7, num_samples=16, questions_per_step=24, max_rationale_tokens=500, micro_batch_size=4,
-             steps={"gsm8k": 117, "arc_challenge": 35})
-# A first run that finishes in minutes on a laptop CPU.
-LAPTOP = dict(lr=5e-6, num_samples=4, questions_per_step=2, max_rationale_tokens=96, micro_batch_size=4,
-              steps={"gsm8k": 4, "arc_challenge": 4})
+             steps={"gsm8k": 117, "arc_challenge": 35}, eval_every=0, eval_max_new_tokens=500)
+# A first run on a laptop CPU (the README's "Does it work?"): SmolLM2-135M on arith goes from about 12% to about
+# 20% held-out greedy accuracy in 30 steps, ~15 minutes on 2 cores in bf16; the held-out accuracy (200 test
+# questions, 128 new tokens) is printed before the first step and after the last.
+LAPTOP = dict(lr=2e-5, num_samples=8, questions_per_step=4, max_rationale_tokens=96, micro_batch_size=4,
+              steps={"gsm8k": 30, "arc_challenge": 30}, eval_every=30, eval_max_new_tokens=128)
 PAPER_MODELS = ("llama-3.1-8b", "mistral-7b", "phi-3.5-mini")
 BETA = {"gsm8k": 0.05, "arc_challenge": 0.25}  # the paper's KL coefficients
 MAX_BAD_STEPS = 3  # abort after this many non-finite losses in a row
@@ -62,7 +66,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help=f"local HF directory, hub id, or alias ({', '.join(ALIASES)}); "
                    "default smollm2-135m, or the resumed run's model")
-    p.add_argument("--dataset", default="gsm8k", help="gsm8k, arc_challenge, or a .jsonl file in either layout")
+    p.add_argument("--dataset", default="arith",
+                   help="arith (generated, data.arith_examples), gsm8k, arc_challenge, or a .jsonl file in either layout")
     p.add_argument("--split", default="train")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training questions")
     p.add_argument("--method", choices=("latro", "sft"), default="latro")
@@ -88,7 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--no-nonstop-penalty", action="store_true", help="do not penalise rationales that never stop")
     p.add_argument("--penalty-factor", type=float, default=2.0, help="gamma: R := gamma * batch-mean R if not stopped")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="compute dtype (master weights are always fp32); auto = bf16 on GPU, fp32 on CPU")
+                   help="compute dtype (master weights are always fp32); auto = bf16 on GPU and on CPUs with native "
+                   "bf16 (AVX512-BF16, AMX), else fp32")
     p.add_argument("--compile", action="store_true",
                    help="sample with the torch.compile'd fixed-shape decoding step (CUDA graphs on GPU)")
     p.add_argument("--fsdp", choices=("auto", "on", "off"), default="auto",
@@ -113,10 +119,11 @@ def parse_args(argv=None):
                    help="on --resume, allow flags that change the data order or the objective (recorded)")
     p.add_argument("--keep-last", type=int, default=0,
                    help="keep only the newest N checkpoints (the newest complete one is never deleted); 0 = all")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps with eval.py; 0 = off")
+    p.add_argument("--eval-every", type=int, default=None, help="held-out greedy accuracy (eval.py) before the first "
+                   "step, every N steps and after the last; 0 = off (default: 30 laptop, 0 paper recipe)")
     p.add_argument("--eval-split", default="test")
-    p.add_argument("--eval-limit", type=int, default=50)
-    p.add_argument("--eval-max-new-tokens", type=int, default=None, help="default: --max-rationale-tokens")
+    p.add_argument("--eval-limit", type=int, default=200, help="held-out questions per evaluation")
+    p.add_argument("--eval-max-new-tokens", type=int, default=None, help="default: 128 laptop, 500 paper recipe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", default=None, help="wandb project name (only if wandb is installed)")
     p.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
@@ -150,14 +157,14 @@ def fill_defaults(args):
     args.recipe = "paper" if paper_model(args.model) else "laptop"
     preset = PAPER if args.recipe == "paper" else LAPTOP
     name = data.detect_task(args.dataset, args.split)  # from the data's layout, not from the file's name
-    for key in ("lr", "num_samples", "questions_per_step", "max_rationale_tokens", "micro_batch_size"):
+    for key in ("lr", "num_samples", "questions_per_step", "max_rationale_tokens", "micro_batch_size", "eval_every",
+                "eval_max_new_tokens"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     args.steps = args.steps if args.steps is not None else preset["steps"][name]
     args.beta = args.beta if args.beta is not None else BETA[name]
     if args.answer_weight is None:  # the verifiable-reward baseline trains on its reward alone, as GRPO/RLOO do
         args.answer_weight = 0.0 if args.reward == "exact" else 1.0
-    args.eval_max_new_tokens = args.eval_max_new_tokens or args.max_rationale_tokens
     args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume
                             else os.path.join("runs", f"{args.method}-{os.path.basename(args.dataset).split('.')[0]}"))
     return args
@@ -312,8 +319,7 @@ def train(args):
 
 
 def run(args, device, rank, world, resume_state, status):
-    compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or parallel.auto_dtype(device)
     torch.manual_seed(args.seed + rank)
     examples = parallel.load_examples(args.dataset, args.split, args.limit, world, device)
     gpu_memory = args.gpu_memory or (parallel.device_memory(device) / 2**30 if device.type == "cuda" else None)
@@ -322,7 +328,7 @@ def run(args, device, rank, world, resume_state, status):
     models = parallel.build_models(args, device, world, compute_dtype, sharded)  # policy, sampler, reference
     policy, sampler, _, tokenizer = models
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda" and not sharded)
+                                  weight_decay=args.weight_decay, fused=not sharded)
     start = 0
     if resume_state:
         start = checkpoint.load_training_state(args.resume, resume_state, policy, optimizer, sharded, rank, world)
@@ -341,8 +347,7 @@ def run(args, device, rank, world, resume_state, status):
     evaluator = None
     if args.eval_every:  # eval.py's own code path, on the held-out split, with the sampling copy of the policy
         eval_examples = parallel.load_examples(args.dataset, args.eval_split, args.eval_limit, world, device)
-        evaluator = lambda: evaluation.evaluate(sampler, tokenizer, eval_examples, args.eval_max_new_tokens,
-                                                compiled=args.compile)[1]
+        evaluator = functools.partial(held_out_accuracy, sampler, tokenizer, eval_examples, args, rank)
 
     # Built once: the step function, the autocast context (FSDP2 casts through its MixedPrecisionPolicy instead)
     # and the gradient-sync rule that runs before each micro-batch's forward.
@@ -356,6 +361,11 @@ def run(args, device, rank, world, resume_state, status):
     prompt_of = functools.cache(lambda i: data.chat_prompt(tokenizer, examples[i]))  # chat-templated, once each
     per_rank = args.questions_per_step // world
     bad_steps, last_saved, t_run = 0, None, time.time()
+    before = after = None
+    if evaluator and start == 0:  # the held-out accuracy before training, logged as step 0
+        before = evaluator(0)
+        if rank == 0:
+            checkpoint.append_metrics(metrics_path, {"step": 0} | eval_metrics(before))
     policy.train()
     for step in range(start, args.steps):
         status["step"] = step
@@ -387,11 +397,13 @@ def run(args, device, rank, world, resume_state, status):
         elapsed = time.time() - t0
         m.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], seconds=elapsed,
                  tokens_per_s=tokens * world / elapsed, peak_memory_gb=parallel.peak_memory(device) / 2**30)
-        if evaluator and (step + 1) % args.eval_every == 0:
-            m["eval_accuracy"] = evaluator()["accuracy"]
+        if rank == 0:
+            print(progress_line(m), flush=True)
+        if evaluator and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            after = evaluator(step + 1)
+            m |= eval_metrics(after)
         if rank == 0:
             checkpoint.append_metrics(metrics_path, m)
-            print(progress_line(m), flush=True)
             if wandb_run:
                 wandb_run.log(m, step=step + 1)
         if not args.no_save and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
@@ -399,6 +411,31 @@ def run(args, device, rank, world, resume_state, status):
                                                     sharded, rank, world, args)
     if rank == 0:
         print_summary(args, start, time.time() - t_run, last_saved, metrics_path)
+        if before and after:
+            print(f"held-out accuracy | {before['accuracy']:.1%} before training -> {after['accuracy']:.1%} after "
+                  f"{args.steps} steps ({after['n']} {os.path.basename(args.dataset)} {args.eval_split} questions, "
+                  "greedy)", flush=True)
+
+
+def held_out_accuracy(sampler, tokenizer, examples, args, rank, step):
+    """Greedy accuracy on the held-out split with eval.py's code and the sampling copy of the policy (which holds
+    the current weights), printed as one line; its rationales go to <out>/eval/step-NNNNNN.jsonl in eval.py's
+    record layout, to read what changed. -> eval.py's summary."""
+    records, summary = evaluation.evaluate(sampler, tokenizer, examples, args.eval_max_new_tokens,
+                                           compiled=args.compile)
+    if rank == 0:
+        data.write_atomic(Path(args.out) / "eval" / f"step-{step:06d}.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+        greedy = summary["metrics"]["greedy"]
+        print(f"eval | step {step} | held-out greedy accuracy {greedy['accuracy']:.1%} ({greedy['correct']}/"
+              f"{greedy['n']}, 95% CI {greedy['ci95'][0]:.1%}-{greedy['ci95'][1]:.1%}) | {summary['seconds']:.0f}s",
+              flush=True)
+    return summary
+
+
+def eval_metrics(summary):
+    """What metrics.jsonl logs of a held-out evaluation: accuracy and the mean greedy rationale length."""
+    return {"eval_accuracy": summary["accuracy"], "eval_tokens": summary["generated_tokens"] / summary["n"]}
 
 
 def skip_step(optimizer, m, step, bad_steps, rank, out):
@@ -437,8 +474,8 @@ def print_preflight(args, world, compute_dtype, sharded, memory, models, example
           f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | compute {str(compute_dtype)[6:]} | "
           f"activation checkpointing {'on' if parallel.checkpointing_on(args, sharded) else 'off'} | "
           f"{args.recipe} recipe | {memory} | {len(examples)} questions | "
-          f"{args.questions_per_step} questions x K={args.num_samples} per step | task "
-          f"{data.task_name(examples[0].task)}, beta {args.beta} | steps {start}->{args.steps}", flush=True)
+          f"{args.questions_per_step} questions x K={args.num_samples} per step | {os.path.basename(args.dataset)} "
+          f"({data.task_name(examples[0].task)} prompts), beta {args.beta} | steps {start}->{args.steps}", flush=True)
 
 
 def start_wandb(args):
@@ -463,7 +500,7 @@ def print_summary(args, start, seconds, last_saved, metrics_path):
     if os.path.isfile(metrics_path):
         checkpoint.plot_curves(metrics_path, os.path.join(args.out, "curves.png"))
         rows = checkpoint.read_metrics(metrics_path)
-    last = rows[-1] if rows else {}
+    last = next((row for row in reversed(rows) if "loss" in row), {})
     print(f"done | {args.method} {args.model} on {args.dataset} | steps {start}->{args.steps} in {seconds:.0f}s | "
           f"final reward {last.get('reward', float('nan')):.3f} kl {last.get('kl', float('nan')):.4f} loss "
           f"{last.get('loss', float('nan')):.4f} | checkpoint {last_saved or 'none'} | metrics {metrics_path}",

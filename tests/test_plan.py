@@ -105,7 +105,7 @@ def test_recipe_follows_the_resolved_checkpoint(tmp_path, tiny_llama_dir):
                           (tiny_llama_dir, "laptop"), ("smollm2-135m", "laptop")):
         args = train.fill_defaults(train.parse_args(["--model", model]))
         assert args.recipe == recipe, model
-        assert args.num_samples == (16 if recipe == "paper" else 4), model
+        assert args.num_samples == (16 if recipe == "paper" else 8), model
 
 
 def test_device_index_under_torchrun_is_one_clear_error(monkeypatch):

@@ -20,7 +20,7 @@ QUESTIONS = [
     ("Ben splits 18 candies among 3 friends. How many each?", "18 / 3 = 6", "6"),
 ]
 SMALL = ["--steps", "2", "--max-rationale-tokens", "10", "--questions-per-step", "4", "--num-samples", "3",
-         "--micro-batch-size", "5", "--lr", "1e-4", "--seed", "3"]
+         "--micro-batch-size", "5", "--lr", "1e-4", "--seed", "3", "--dtype", "float32", "--eval-every", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +137,37 @@ def test_resume_two_plus_two_equals_four_bit_for_bit(tmp_path, tiny_llama_dir, g
 def test_sft_baseline_lowers_its_loss(tmp_path, tiny_llama_dir, gsm_file):
     out = str(tmp_path / "sft")
     run(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", out, "--method", "sft", "--steps", "6",
-         "--questions-per-step", "8", "--lr", "3e-3", "--no-save"])
+         "--questions-per-step", "8", "--lr", "3e-3", "--no-save", "--eval-every", "0", "--dtype", "float32"])
     losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
     # the same 8 questions every step (one epoch per step): plain supervised descent on a fixed batch
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_held_out_accuracy_before_and_after_is_eval_py_on_those_weights(tmp_path, tiny_llama_dir, gsm_file):
+    """--eval-every evaluates before the first step, every N steps and after the last, with eval.py's code on the
+    current weights: its rationales and accuracy equal eval.py's on the initial model and on the final checkpoint
+    (a stale sampling copy or an evaluation before the optimizer step would give other rationales)."""
+    out = str(tmp_path / "evaluated")
+    p = run(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", out, *SMALL, "--eval-every", "1",
+             "--eval-limit", "5", "--eval-max-new-tokens", "12"])  # the last --eval-every counts
+    assert [line.split(" | ")[1] for line in p.stdout.splitlines() if line.startswith("eval | ")] == \
+        ["step 0", "step 1", "step 2"]
+    assert "held-out accuracy | " in p.stdout and "before training -> " in p.stdout and "after 2 steps" in p.stdout
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [0, 1, 2] and all("eval_accuracy" in r for r in rows)
+    for model, row in ((tiny_llama_dir, rows[0]), (os.path.join(out, "checkpoint-000002"), rows[2])):
+        result = str(tmp_path / f"eval-{row['step']}.jsonl")
+        e = run_command([sys.executable, "eval.py", "--model", model, "--dataset", gsm_file, "--limit", "5",
+                         "--max-new-tokens", "12", "--dtype", "float32", "--out", result], cwd=REPO_ROOT,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+        assert e.returncode == 0, e.stderr[-3000:]
+        summary = json.load(open(result.replace(".jsonl", ".summary.json")))
+        assert row["eval_accuracy"] == summary["accuracy"]
+        assert row["eval_tokens"] == summary["generated_tokens"] / summary["n"]
+        logged = [json.loads(line) for line in open(os.path.join(out, "eval", f"step-{row['step']:06d}.jsonl"))]
+        assert [r["rationale"] for r in logged] == [json.loads(line)["rationale"] for line in open(result)]
+    first, last = (open(os.path.join(out, "eval", f"step-00000{s}.jsonl")).read() for s in (0, 2))
+    assert first != last  # training changed the greedy rationales
 
 
 def test_exact_reward_run_records_its_objective(tmp_path, tiny_llama_dir, gsm_file):
