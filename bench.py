@@ -369,8 +369,8 @@ def ours_step(policy, reference, optimizer, tokenizer, prompts, answers, cfg, se
     terms = meter("score", lambda: latro.compute_advantages(policy, reference, ro, cfg))
     m = meter("backward", lambda: latro.backward_on_rollout(policy, ro, terms.advantages, cfg))
     meter("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
-    # forward positions: each micro-batch is trimmed to its longest row, and the model reads tokens[:, :-1]
-    positions = sum(toks.shape[0] * (toks.shape[1] - 1) for toks, *_ in latro.micro_batches(ro, cfg.micro_batch_size))
+    # forward positions: each micro-batch is one packed sequence (latro.pack), and the model reads tokens[:, :-1]
+    positions = sum(mb.tokens.shape[1] - 1 for mb in latro.micro_batches(ro, cfg.micro_batch_size, cfg.num_samples))
     z = [ro.tokens[i, p:r].tolist() for i, (p, r) in enumerate(zip(ro.prompt_end.tolist(), ro.rationale_end.tolist()))]
     return {"rows": len(z), "generated_tokens": ro.sampled_tokens, "rationale_tokens": sum(map(len, z)),
             "answer_tokens": int((ro.answer_end - ro.rationale_end).sum()), "stop_rate": ro.stopped.float().mean().item(),

@@ -216,24 +216,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
 
-    def forward(self, x, cos, sin, cache=None, positions=None):
+    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:  # plain causal forward over the whole (right-padded) sequence
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
+        if cache is not None:
             # Write this step's keys/values at each row's own positions, then attend to every cached key at or
             # before the query's position. The mask comes from positions, never from token values.
             k, v = cache.write(positions, k, v)                                          # (B, Hkv, S, D)
             mask = torch.arange(k.shape[2], device=x.device) <= positions[:, :, None]    # (B, T, S)
-            if T == 1:
-                y = decode_attention(q, k, v, mask)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        if mask is None:  # plain causal forward over the whole (right-padded) sequence
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif T == 1:
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = masked_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def masked_attention(q, k, v, mask):
+    """SDPA under a boolean mask (B, T, S): True where query t may attend to key s. On CUDA the fused kernels that
+    take a mask do not take grouped KV heads (SDPA would fall back to its math kernel, which keeps (B, H, T, S)
+    scores), so the KV heads are repeated there first; on CPU the flash kernel takes both."""
+    if q.is_cuda and k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
 
 
 def decode_attention(q, k, v, mask):
@@ -268,8 +277,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, cache=None, positions=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions)
+    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -289,9 +298,10 @@ class Transformer(nn.Module):
     def output_weight(self):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, tokens, positions=None, caches=None):
+    def hidden_states(self, tokens, positions=None, caches=None, mask=None):
         """tokens (B, T) -> final-normed hidden states (B, T, dim). With `caches` (a KVCache), keys and values are
-        written at `positions` (B, T) and attention covers the cache; without, a plain causal forward."""
+        written at `positions` (B, T) and attention covers the cache; with `mask` (B, T, T) bool, token t attends to
+        the tokens s where mask[:, t, s] (packed sequences, latro.pack); else a plain causal forward."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -302,16 +312,17 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches.layer(i)
             if self.checkpoint_layers and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, None, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, positions)
+                x = layer(x, cos, sin, cache, positions, mask)
         return self.norm(x)
 
-    def forward(self, tokens, positions=None, targets=None, target_mask=None, temperature=1.0):
+    def forward(self, tokens, positions=None, targets=None, target_mask=None, temperature=1.0, mask=None):
         """Without targets: logits (B, T, V). With targets (B, T) and target_mask (B, T) bool: the fp32 log-prob of
         targets[b, t] under the logits at position t, where target_mask is set, else 0 - computed chunk by chunk,
-        never as (B, T, V). Scoring lives in forward() so that DDP and FSDP hooks see it."""
-        h = self.hidden_states(tokens, positions)
+        never as (B, T, V). Scoring lives in forward() so that DDP and FSDP hooks see it. positions and mask: see
+        hidden_states."""
+        h = self.hidden_states(tokens, positions, mask=mask)
         if targets is None:
             return F.linear(h, self.output_weight())
         if target_mask is None:  # every position is a target (the memory plan's worst case: no data to index by)
@@ -381,7 +392,7 @@ def fused_logprobs(h, weight, targets, temperature=1.0, chunk=None):
     return FusedLogProbs.apply(h, weight, targets, float(temperature), chunk)
 
 
-def token_logprobs(model, tokens, starts, ends, temperature=1.0, dense=False):
+def token_logprobs(model, tokens, starts, ends, temperature=1.0, dense=False, positions=None, mask=None):
     """Per-token log-probs of chosen spans - the one scoring function for policy, reference and reward.
 
     tokens (B, T) long, right-padded (padding after a row's end is never read: attention is causal).
@@ -390,17 +401,21 @@ def token_logprobs(model, tokens, starts, ends, temperature=1.0, dense=False):
     0 outside, so out.sum(1) is the span's log-likelihood. Differentiable; `model` may be wrapped in DDP/FSDP.
     dense: score every position and zero those outside the spans, instead of gathering the span positions: no
     host sync and no data-dependent shape (the memory plan runs this on fake tensors, which hold no data).
+    positions (B, T) and mask (B, T, T): for packed sequences (latro.pack), each token's position in its own row and
+    what it attends to; default: 0..T-1 and causal.
     """
     B, T = tokens.shape
     starts, ends = torch.as_tensor(starts, device=tokens.device), torch.as_tensor(ends, device=tokens.device)
     if not dense and ((starts < 1).any() or (ends > T).any()):
         raise ValueError("token_logprobs: spans must satisfy 1 <= start and end <= tokens.shape[1]")
     t = torch.arange(1, T, device=tokens.device)
-    mask = (t >= starts[:, None]) & (t < ends[:, None])                  # (B, T-1): predicted by position t-1
+    context = {"positions": None if positions is None else positions[:, :-1],
+               "mask": None if mask is None else mask[:, :-1, :-1]}
+    scored = (t >= starts[:, None]) & (t < ends[:, None])                # (B, T-1): predicted by position t-1
     if dense:
-        lp = model(tokens[:, :-1], targets=tokens[:, 1:], temperature=temperature) * mask           # (B, T-1)
+        lp = model(tokens[:, :-1], targets=tokens[:, 1:], temperature=temperature, **context) * scored  # (B, T-1)
     else:
-        lp = model(tokens[:, :-1], targets=tokens[:, 1:], target_mask=mask, temperature=temperature)
+        lp = model(tokens[:, :-1], targets=tokens[:, 1:], target_mask=scored, temperature=temperature, **context)
     return F.pad(lp, (1, 0))                                              # (B, T)
 
 

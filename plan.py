@@ -26,8 +26,8 @@ step at the longest cache length instead of generate()'s loop, whose per-step me
 Not simulated: DDP's reducer (it cannot run on fake tensors). A replicated run is simulated as its single-process
 model; with gradient_as_bucket_view=True the gradients are views into DDP's buckets, so this adds no copy.
 AdamW's step is run (it creates the optimizer state) but its transient temporaries are not charged: the tracker
-over-counts them on fake DTensors; the foreach implementation's one temporary (sqrt of the second moments, the size
-of the fp32 shard) is added instead.
+over-counts them on fake DTensors; for a sharded policy the foreach implementation's one temporary (sqrt of the
+second moments, the size of the fp32 shard) is added instead (a replica's AdamW is fused: no temporary).
 
 Precedent: torchtitan's estimate_memory (FSDPMemTracker on a fake-PG training step). This plan adds the sampling
 phase, the frozen reference and the sampling copy, which an RL step holds besides the training state.
@@ -207,17 +207,18 @@ def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step
             autocast = torch.autocast("cpu", dtype=compute_dtype) if not sharded and \
                 compute_dtype != torch.float32 else nullcontext()
             with autocast:
-                train_rows = _train_phase(policy, optimizer, sharded, cfg_l, args, prompt_tokens, answer_tokens,
+                train_rows = _train_phase(policy, optimizer, sharded, cfg_l, prompt_tokens, answer_tokens,
                                           FSDPMemTracker if sharded else MemTracker)
             frozen = {"reference": tensor_bytes(reference),
                       "sampler copy": tensor_bytes(sampler) if sampler is not policy else 0}
             train_rows.update(frozen)
-            # AdamW's step: params, their gradients (same size), the moments, the frozen models, and the foreach
-            # implementation's one transient, sqrt of the second moments (the size of the fp32 params again)
-            step_peak = 3 * tensor_bytes(policy) + tensor_bytes(optimizer) + train_rows["reference"] + \
-                train_rows["sampler copy"]
+            # AdamW's step: params, their gradients (same size), the moments, the frozen models, and for a
+            # sharded policy the foreach implementation's one transient, sqrt of the second moments (the size of
+            # the fp32 params again); a replica's AdamW is fused (train.py), with no transient
+            step_peak = (3 if sharded else 2) * tensor_bytes(policy) + tensor_bytes(optimizer) + \
+                train_rows["reference"] + train_rows["sampler copy"]
             sample_rows, score_rows = _sample_phases(policy, optimizer, sampler, reference,
-                                                     questions_per_step // world, cfg_l, args, prompt_tokens,
+                                                     questions_per_step // world, cfg_l, prompt_tokens,
                                                      answer_tokens, MemTracker)
             sample_rows.update(frozen)
             score_rows.update(frozen)
@@ -251,17 +252,14 @@ def _build(args, cfg, dtype):
         torch.set_default_dtype(default)
 
 
-def _scoring_batch(args, rows, prompt_tokens, rationale_tokens, answer_tokens):
-    """A micro-batch of full-length rollout rows [x | z | y] and its spans."""
-    T = prompt_tokens + rationale_tokens + answer_tokens
-    tokens = torch.randint(0, args.vocab_size, (rows, T))
-    prompt_end = torch.full((rows,), prompt_tokens)
-    rationale_end = torch.full((rows,), prompt_tokens + rationale_tokens)
-    answer_end = torch.full((rows,), T)
-    return tokens, prompt_end, rationale_end, answer_end
+def _scoring_batch(cfg, prompt_tokens, answer_tokens):
+    """The first micro-batch of full-length rollout rows [x | z | y], packed as latro.micro_batches packs it."""
+    import latro
+    x, z, y = [1] * prompt_tokens, [1] * cfg.max_rationale_tokens, [1] * answer_tokens
+    return latro.pack([(i, i // cfg.num_samples, x, z, y) for i in range(cfg.micro_batch_size)], None)
 
 
-def _train_phase(policy, optimizer, sharded, cfg, args, prompt_tokens, answer_tokens, tracker_cls):
+def _train_phase(policy, optimizer, sharded, cfg, prompt_tokens, answer_tokens, tracker_cls):
     """Two micro-batches (the peak: the second one's activations on top of the first one's gradients, whatever
     the sync rule), then AdamW's step, which creates the optimizer state."""
     import latro
@@ -274,10 +272,8 @@ def _train_phase(policy, optimizer, sharded, cfg, args, prompt_tokens, answer_to
     with tracker:
         for j in range(2):
             before_forward(j == 1)
-            toks, p, r, a = _scoring_batch(args, cfg.micro_batch_size, prompt_tokens, cfg.max_rationale_tokens,
-                                           answer_tokens)
-            latro.backward_micro_batch(policy, toks, p, r, a, torch.zeros(toks.shape[0]), cfg, toks.shape[0],
-                                       dense=True)
+            mb = _scoring_batch(cfg, prompt_tokens, answer_tokens)
+            latro.backward_micro_batch(policy, mb, torch.zeros(len(mb.rows)), cfg, len(mb.rows), dense=True)
             tracker.reset_mod_stats()  # the trackers follow one call per module at a time; the peak is kept
         rows = peak_rows(tracker)
     optimizer.step()
@@ -287,7 +283,7 @@ def _train_phase(policy, optimizer, sharded, cfg, args, prompt_tokens, answer_to
 
 
 @torch.no_grad()
-def _sample_phases(policy, optimizer, sampler, reference, questions, cfg, args, prompt_tokens, answer_tokens,
+def _sample_phases(policy, optimizer, sampler, reference, questions, cfg, prompt_tokens, answer_tokens,
                    tracker_cls):
     """-> (sampling rows, scoring rows). Sampling: refresh_sampler, the prefill of this rank's prompts and one
     decode step at the full cache length. Scoring: one no-grad micro-batch through the sampler (log pi(z|x) and the
@@ -295,7 +291,7 @@ def _sample_phases(policy, optimizer, sampler, reference, questions, cfg, args, 
     gradients are freed by then (zero_grad(set_to_none=True))."""
     import latro
     import parallel
-    from model import decode_step, prefill, sample_next, token_logprobs
+    from model import decode_step, prefill, sample_next
     # MemTracker hooks the gradient of every parameter a module runs with, which torch refuses for frozen ones:
     # mark them trainable for the simulation (under no_grad this changes nothing else)
     for p in list(sampler.parameters()) + list(reference.parameters()):
@@ -335,11 +331,10 @@ def _sample_phases(policy, optimizer, sampler, reference, questions, cfg, args, 
             sampling["activations"] -= kv
         del caches, logits, tokens
     with window() as tracker:
-        toks, p, r, a = _scoring_batch(args, cfg.micro_batch_size, prompt_tokens, cfg.max_rationale_tokens,
-                                       answer_tokens)
-        latro.span_logprobs(sampler, toks, p, r, a, cfg.temperature, dense=True)
+        mb = _scoring_batch(cfg, prompt_tokens, answer_tokens)
+        latro.span_logprobs(sampler, mb, cfg.temperature, dense=True)
         tracker.reset_mod_stats()
-        token_logprobs(reference, toks, p, r, cfg.temperature, dense=True)
+        latro.span_logprobs(reference, mb, cfg.temperature, dense=True)
         scoring = rows_of(tracker)
     return sampling, scoring
 
@@ -362,7 +357,7 @@ def format_plan(result, title, gpu_memory_gib):
         limit = FIT_FRACTION * gpu_memory_gib
         peak = peak_bytes(result) / GiB
         verdict = "fits" if peak <= limit else "does NOT fit"
-        lines.append(f"  {verdict}: peak {peak:.2f} GiB vs {limit:.1f} GiB usable of {gpu_memory_gib:g} GiB "
+        lines.append(f"  {verdict}: peak {peak:.4g} GiB vs {limit:.1f} GiB usable of {gpu_memory_gib:g} GiB "
                      f"({FIT_FRACTION:.0%}; the rest is for the CUDA context, NCCL and fragmentation)")
     return "\n".join(lines)
 

@@ -48,8 +48,10 @@ def check_grads(model_dir):
     policy.train()
     cfg = latro.LatroConfig(num_samples=2)
     tokens, p, r, a = batch(policy.args.vocab_size)
+    rows = zip(tokens.tolist(), p.tolist(), r.tolist(), a.tolist())
+    mb = latro.pack([(i, i, t[:pi], t[pi:ri], t[ri:ai]) for i, (t, pi, ri, ai) in enumerate(rows)], None)  # 4 questions
     parallel.grad_sync(policy)(False)  # not the last micro-batch
-    latro.backward_micro_batch(policy, tokens, p, r, a, torch.randn(4), cfg, 8)
+    latro.backward_micro_batch(policy, mb, torch.randn(4), cfg, 8)
     for name, param in policy.named_parameters():
         assert param.grad is not None, f"{name}: no sharded gradient after a micro-batch (kept unsharded)"
         assert param.grad.to_local().shape == param.to_local().shape, name

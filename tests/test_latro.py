@@ -90,6 +90,36 @@ def naive_logprobs(model, tokens):
     return torch.nn.functional.pad(logp, (1, 0))
 
 
+def test_packed_rows_score_as_their_own_rows(tiny_llama_dir):
+    """latro.pack runs each prompt once for its rows; every row's log pi(z|x) (at the sampling temperature) and
+    log pi(y|x,z) (at 1) must equal a full log_softmax over that row alone, with gradients. The micro-batch spans
+    two questions with prompts of different lengths, and one rationale is empty."""
+    model, _ = load(tiny_llama_dir)
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist()
+    x1, x2 = ids(9), ids(5)
+    rows = [(0, 0, x1, ids(4), ids(3)), (1, 0, x1, [], ids(3)), (2, 0, x1, ids(7), ids(2)), (3, 1, x2, ids(6), ids(4))]
+    mb = latro.pack(rows, "cpu")
+    assert mb.tokens.shape == (1, 8 + 8 + 4 + 10 + 4 + 11)  # x1[:-1], three rows of x1[-1] z y, x2[:-1], one row
+    model.train()
+    logp, logp_answer = latro.span_logprobs(model, mb, temperature=0.7)
+    (logp.sum() + 2 * logp_answer.sum()).backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0
+    for (_, _, x, z, y), lp_z, lp_y in zip(rows, logp, logp_answer):
+        row = torch.tensor([x + z + y])
+        at_temperature = torch.log_softmax(model(row).float() / 0.7, -1)[0, :-1].gather(1, row[0, 1:, None])[:, 0]
+        at_one = naive_logprobs(model, row)[0, 1:]
+        want_z, want_y = at_temperature[len(x) - 1:len(x) + len(z) - 1].sum(), at_one[len(x) + len(z) - 1:].sum()
+        assert lp_z.item() == pytest.approx(want_z.item(), abs=1e-4)
+        assert lp_y.item() == pytest.approx(want_y.item(), abs=1e-4)
+        total = total + want_z + 2 * want_y
+    total.backward()
+    for n, p in model.named_parameters():
+        assert (packed_grads[n] - p.grad).abs().max().item() <= 1e-4 * p.grad.abs().max().item() + 1e-6, n
+
+
 def perturbed_copy(model, scale=0.02, seed=0):
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
