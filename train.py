@@ -361,11 +361,10 @@ def run(args, device, rank, world, resume_state, status):
     prompt_of = functools.cache(lambda i: data.chat_prompt(tokenizer, examples[i]))  # chat-templated, once each
     per_rank = args.questions_per_step // world
     bad_steps, last_saved, t_run = 0, None, time.time()
-    before = after = None
     if evaluator and start == 0:  # the held-out accuracy before training, logged as step 0
-        before = evaluator(0)
+        before = eval_metrics(evaluator(0))
         if rank == 0:
-            checkpoint.append_metrics(metrics_path, {"step": 0} | eval_metrics(before))
+            checkpoint.append_metrics(metrics_path, {"step": 0} | before)
     policy.train()
     for step in range(start, args.steps):
         status["step"] = step
@@ -400,8 +399,7 @@ def run(args, device, rank, world, resume_state, status):
         if rank == 0:
             print(progress_line(m), flush=True)
         if evaluator and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            after = evaluator(step + 1)
-            m |= eval_metrics(after)
+            m |= eval_metrics(evaluator(step + 1))
         if rank == 0:
             checkpoint.append_metrics(metrics_path, m)
             if wandb_run:
@@ -411,10 +409,6 @@ def run(args, device, rank, world, resume_state, status):
                                                     sharded, rank, world, args)
     if rank == 0:
         print_summary(args, start, time.time() - t_run, last_saved, metrics_path)
-        if before and after:
-            print(f"held-out accuracy | {before['accuracy']:.1%} before training -> {after['accuracy']:.1%} after "
-                  f"{args.steps} steps ({after['n']} {os.path.basename(args.dataset)} {args.eval_split} questions, "
-                  "greedy)", flush=True)
 
 
 def held_out_accuracy(sampler, tokenizer, examples, args, rank, step):
@@ -434,8 +428,9 @@ def held_out_accuracy(sampler, tokenizer, examples, args, rank, step):
 
 
 def eval_metrics(summary):
-    """What metrics.jsonl logs of a held-out evaluation: accuracy and the mean greedy rationale length."""
-    return {"eval_accuracy": summary["accuracy"], "eval_tokens": summary["generated_tokens"] / summary["n"]}
+    """What metrics.jsonl logs of a held-out evaluation: accuracy, the mean greedy rationale length, questions."""
+    return {"eval_accuracy": summary["accuracy"], "eval_tokens": summary["generated_tokens"] / summary["n"],
+            "eval_questions": summary["n"]}
 
 
 def skip_step(optimizer, m, step, bad_steps, rank, out):
@@ -501,10 +496,16 @@ def print_summary(args, start, seconds, last_saved, metrics_path):
         checkpoint.plot_curves(metrics_path, os.path.join(args.out, "curves.png"))
         rows = checkpoint.read_metrics(metrics_path)
     last = next((row for row in reversed(rows) if "loss" in row), {})
+    evals = {row["step"]: row for row in rows if "eval_accuracy" in row}
     print(f"done | {args.method} {args.model} on {args.dataset} | steps {start}->{args.steps} in {seconds:.0f}s | "
           f"final reward {last.get('reward', float('nan')):.3f} kl {last.get('kl', float('nan')):.4f} loss "
           f"{last.get('loss', float('nan')):.4f} | checkpoint {last_saved or 'none'} | metrics {metrics_path}",
           flush=True)
+    if 0 in evals and args.steps in evals and args.steps > 0:  # also after a resume: both are in metrics.jsonl
+        before, after = evals[0], evals[args.steps]
+        print(f"held-out accuracy | {before['eval_accuracy']:.1%} before training -> {after['eval_accuracy']:.1%} "
+              f"after {args.steps} steps ({after['eval_questions']} {os.path.basename(args.dataset)} "
+              f"{args.eval_split} questions, greedy)", flush=True)
 
 
 class StepProgress:
