@@ -1,7 +1,8 @@
 """How a training run lives on disk: its run directory, checkpoints, resume state and metrics.
 
-A run directory (--out) holds config.json, metrics.jsonl (one line per step, plus a step-0 line holding the held-out accuracy before training), curves.png and checkpoint-NNNNNN/
-directories. Each checkpoint is the model in Hugging Face layout (it loads in transformers and vLLM) plus what an
+A run directory (--out) holds config.json, metrics.jsonl (one line per step, plus a step-0 line holding the
+held-out accuracy before training), curves.png, eval/step-NNNNNN.jsonl (the held-out rationales, with
+--eval-every) and checkpoint-NNNNNN/ directories. Each checkpoint is the model in Hugging Face layout (it loads in transformers and vLLM) plus what an
 exact resume needs: the AdamW moments (one file, or one per rank when sharded), every rank's random-number state
 and trainer_state.json (the step and every flag). It is separate from train.py because none of it is the
 algorithm; what it guarantees:
@@ -462,8 +463,9 @@ def plot_curves(runs, path_png, keys=("eval_accuracy", "reward", "kl", "rational
                 ax.plot(*zip(*points), marker="o" if k == "eval_accuracy" else None, label=label)
         ax.set_title(k)
         ax.set_xlabel("step")
-    if len(logs) > 1:
-        axes[0][0].legend()
-    fig.tight_layout()
+    if len(logs) > 1:  # one legend above the panels, so that it hides no curve
+        handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+        fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles))
+    fig.tight_layout(rect=(0, 0, 1, 0.86 if len(logs) > 1 else 1))
     fig.savefig(path_png)
     plt.close(fig)

@@ -199,8 +199,9 @@ def pack(rows, device):
         spans.append((start, start + len(z), start + len(z) + len(y)))
     t = torch.arange(len(tokens), device=device)
     question, segment = torch.tensor(question, device=device), torch.tensor(segment, device=device)
+    # (S, S): token t sees token s at or before it, of its own question, in the shared x or in its own row
     mask = (t[None, :] <= t[:, None]) & (question[None, :] == question[:, None]) & \
-        ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))                 # (S, S): causal, own x and row
+        ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
     z_start, z_end, y_end = torch.tensor(spans, device=device).unbind(1)
     return MicroBatch(torch.tensor([tokens], device=device), torch.tensor([positions], device=device), mask[None],
                       z_start, z_end, y_end, torch.tensor([r[0] for r in rows], device=device))

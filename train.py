@@ -43,9 +43,9 @@ from model import ALIASES, pad_right, token_logprobs
 # linear decay, 24 questions (384 rollouts) per step; 6 "epochs" of GSM8K rollouts = 117 steps, 12 of ARC = 35.
 PAPER = dict(lr=5e-7, num_samples=16, questions_per_step=24, max_rationale_tokens=500, micro_batch_size=4,
              steps={"gsm8k": 117, "arc_challenge": 35}, eval_every=0, eval_max_new_tokens=500)
-# A first run on a laptop CPU (the README's "Does it work?"): SmolLM2-135M on arith goes from about 12% to about
-# 20% held-out greedy accuracy in 30 steps, ~15 minutes on 2 cores in bf16; the held-out accuracy (200 test
-# questions, 128 new tokens) is printed before the first step and after the last.
+# A first run on a laptop CPU (the README's "Does it work?"): SmolLM2-135M on arith, 13 minutes on 2 cores in bf16;
+# its held-out greedy accuracy (200 test questions, 128 new tokens), printed before the first step and after the
+# last, rose by 6 to 11.5 points in four runs. Longer runs at this lr over-optimise (accuracy falls back).
 LAPTOP = dict(lr=2e-5, num_samples=8, questions_per_step=4, max_rationale_tokens=96, micro_batch_size=4,
               steps={"gsm8k": 30, "arc_challenge": 30}, eval_every=30, eval_max_new_tokens=128)
 PAPER_MODELS = ("llama-3.1-8b", "mistral-7b", "phi-3.5-mini")
@@ -319,7 +319,8 @@ def train(args):
 
 
 def run(args, device, rank, world, resume_state, status):
-    compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or parallel.auto_dtype(device)
+    compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
+        parallel.auto_dtype(device)
     torch.manual_seed(args.seed + rank)
     examples = parallel.load_examples(args.dataset, args.split, args.limit, world, device)
     gpu_memory = args.gpu_memory or (parallel.device_memory(device) / 2**30 if device.type == "cuda" else None)
