@@ -216,16 +216,19 @@ def micro_batches(rollout, size, k):
                     for j, (p, r, a) in enumerate(spans[i:i + size], start=i)], rollout.tokens.device)
 
 
-def span_logprobs(model, mb, temperature, dense=False):
+def span_logprobs(model, mb, temperature, dense=False, answer=True):
     """-> (log pi(z|x), log pi(y|x,z)), each (n,) fp32 sums over a MicroBatch's rows. One forward when
     temperature == 1: the same pass scores both spans. z is scored at the sampling temperature, y at the model's
-    own (1). dense: see token_logprobs (the memory plan's no-data path)."""
+    own (1). answer=False: log pi(z|x) only (None for y). dense: see token_logprobs (the memory plan's no-data
+    path)."""
     first, S = mb.z_start[:1], mb.tokens.shape[1]
     t = torch.arange(S, device=mb.tokens.device)
     in_z = (t >= mb.z_start[:, None]) & (t < mb.z_end[:, None])                           # (n, S)
     in_y = (t >= mb.z_end[:, None]) & (t < mb.y_end[:, None])
     lp = token_logprobs(model, mb.tokens, first, [S], temperature, dense, mb.positions, mb.mask)   # (1, S)
     logp = (lp * in_z).sum(1)
+    if not answer:
+        return logp, None
     if temperature != 1.0:
         lp = token_logprobs(model, mb.tokens, first, [S], 1.0, dense, mb.positions, mb.mask)
     return logp, (lp * in_y).sum(1)
@@ -269,7 +272,7 @@ def compute_advantages(policy, reference, ro, cfg, correct=None, progress=None):
     batches = list(micro_batches(ro, cfg.micro_batch_size, cfg.num_samples))
     for j, mb in enumerate(batches):
         logp[mb.rows], reward[mb.rows] = span_logprobs(policy, mb, cfg.temperature)  # log pi(z|x), R=log pi(y|x,z)
-        logp_ref[mb.rows] = span_logprobs(reference, mb, cfg.temperature)[0]       # log pi_ref(z|x)
+        logp_ref[mb.rows] = span_logprobs(reference, mb, cfg.temperature, answer=False)[0]  # log pi_ref(z|x)
         if progress is not None:
             progress("score", done=j + 1, total=len(batches), rows_finished=min((j + 1) * cfg.micro_batch_size, n),
                      rows=n, tokens=0)

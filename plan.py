@@ -334,7 +334,7 @@ def _sample_phases(policy, optimizer, sampler, reference, questions, cfg, prompt
         mb = _scoring_batch(cfg, prompt_tokens, answer_tokens)
         latro.span_logprobs(sampler, mb, cfg.temperature, dense=True)
         tracker.reset_mod_stats()
-        latro.span_logprobs(reference, mb, cfg.temperature, dense=True)
+        latro.span_logprobs(reference, mb, cfg.temperature, dense=True, answer=False)
         scoring = rows_of(tracker)
     return sampling, scoring
 
