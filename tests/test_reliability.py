@@ -26,7 +26,7 @@ QUESTIONS = [("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7",
 ARC = [{"id": f"q{i}", "question": f"Which is bigger, {i} or {i + 1}?",
         "choices": {"text": [str(i), str(i + 1)], "label": ["A", "B"]}, "answerKey": "B"} for i in range(4)]
 TINY = ["--max-rationale-tokens", "6", "--questions-per-step", "2", "--num-samples", "2", "--micro-batch-size", "4",
-        "--lr", "1e-4", "--dtype", "float32", "--eval-every", "0", "--seed", "3"]
+        "--lr", "1e-4", "--dtype", "float32", "--eval-every", "0", "--answer-weight", "1", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
