@@ -2,10 +2,10 @@
 
 A run directory (--out) holds config.json, metrics.jsonl (one line per step, plus a step-0 line holding the
 held-out accuracy before training), curves.png, eval/step-NNNNNN.jsonl (the held-out rationales, with
---eval-every) and checkpoint-NNNNNN/ directories. Each checkpoint is the model in Hugging Face layout (it loads in transformers and vLLM) plus what an
-exact resume needs: the AdamW moments (one file, or one per rank when sharded), every rank's random-number state
-and trainer_state.json (the step and every flag). It is separate from train.py because none of it is the
-algorithm; what it guarantees:
+--eval-every) and checkpoint-NNNNNN/ directories. Each checkpoint is the model in Hugging Face layout (it loads in
+transformers and vLLM) plus what an exact resume needs: the AdamW moments (one file, or one per rank when sharded),
+every rank's random-number state and trainer_state.json (the step and every flag). It is separate from train.py
+because none of it is the algorithm; what it guarantees:
   - one run per directory at a time (a lock file naming host and pid);
   - nothing is deleted by accident: --overwrite moves the old run aside to a .bak directory;
   - a save is atomic: built in checkpoint-N.partial and renamed into place, so a kill or a full disk leaves no

@@ -38,7 +38,7 @@ import torch
 
 import data
 from model import generate, load
-from parallel import auto_dtype, on_rank0, run_main, setup_distributed
+from parallel import compute_dtype, on_rank0, run_main, setup_distributed
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. The evaluation loop
@@ -473,7 +473,7 @@ def main(argv=None) -> int:
 def run(args, rank) -> int:
     out = Path(args.out) if args.out else default_out(args)
     device, _, _ = setup_distributed(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or auto_dtype(device)
+    dtype = compute_dtype(args.dtype, device)
     settings = run_settings(args, dtype)
     done = on_rank0(rank, lambda: check_output(out, settings, args.overwrite))
     examples = data.load_dataset(args.dataset, args.split, args.limit)

@@ -41,9 +41,12 @@ def choose_device(flag, world, local_rank, cuda_available):
     return f"cuda:{local_rank}" if world > 1 else flag
 
 
-def auto_dtype(device):
-    """--dtype auto: bf16 compute on a GPU, and on a CPU with native bf16 matmuls (AVX512-BF16 or AMX: there a
-    training step of SmolLM2-135M takes 25 s in bf16 against 53 s in fp32), else fp32. Master weights stay fp32."""
+def compute_dtype(flag, device):
+    """--dtype (train.py and eval.py): float32 or bfloat16 as given; auto = bf16 compute on a GPU, and on a CPU with
+    native bf16 matmuls (AVX512-BF16 or AMX: there a training step of SmolLM2-135M takes 25 s in bf16 against 53 s
+    in fp32), else fp32. Master weights stay fp32."""
+    if flag != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[flag]
     if device.type == "cuda":
         return torch.bfloat16
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \

@@ -320,8 +320,7 @@ def train(args):
 
 
 def run(args, device, rank, world, resume_state, status):
-    compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
-        parallel.auto_dtype(device)
+    compute_dtype = parallel.compute_dtype(args.dtype, device)
     torch.manual_seed(args.seed + rank)
     examples = parallel.load_examples(args.dataset, args.split, args.limit, world, device)
     gpu_memory = args.gpu_memory or (parallel.device_memory(device) / 2**30 if device.type == "cuda" else None)
