@@ -40,7 +40,7 @@ ARC_TRIGGER = "Let's think step by step first then print your answer like 'The a
 
 # Named datasets and their splits. GSM8K has no validation split; carve one out of train if you need it.
 SPLITS = {"gsm8k": ("train", "test"), "arc_challenge": ("train", "validation", "test"),
-          "arith": ("train", "test")}
+          "arith": ("train", "validation", "test")}
 
 GSM8K_COMMIT = "3101c7d5072418e28b9008a6636bde82a006892c"  # openai/grade-school-math, 2021-11-19
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/{commit}/grade_school_math/data/{split}.jsonl"
@@ -354,7 +354,9 @@ def chat_prompt(tokenizer, example: Example) -> list[int]:
 # A synthetic task for laptop-scale runs
 
 
-ARITH_SIZES = {"train": 2000, "test": 500}
+# One seeded stream of distinct questions, cut in this order (validation last, so train and test are the same
+# questions they were before the split existed).
+ARITH_SIZES = {"train": 2000, "test": 500, "validation": 500}
 NAMES = ("Ava", "Ben", "Cleo", "Dev", "Ema", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena", "Milo", "Nora")
 ITEMS = ("apples", "marbles", "stickers", "pencils", "coins", "shells", "cards", "books", "eggs", "stamps")
 TIMES = {2: "doubles", 3: "triples"}
@@ -364,8 +366,8 @@ def arith_examples(split: str, seed: int = 1234) -> list[Example]:
     """`arith`: one- to three-step word problems (+, -, x) in the GSM8K layout, generated from a fixed seed.
 
     It exists so that a laptop can check that LaTRO teaches a small model to *answer* (SmolLM2-135M-Instruct gets
-    a minority of these right greedily, often computing the answer and then rambling on), not as a benchmark. Train
-    and test are one seeded stream of distinct questions cut in two, so they never overlap.
+    a minority of these right greedily, often computing the answer and then rambling on), not as a benchmark. Train,
+    test and validation are one seeded stream of distinct questions cut in three, so they never overlap.
 
         Ava has 7 marbles. She buys 5 more marbles. Then she gives away 3 marbles. How many marbles does Ava have now?
         Ava starts with 7. 7 + 5 = 12. 12 - 3 = 9. #### 9
@@ -403,5 +405,8 @@ def arith_examples(split: str, seed: int = 1234) -> list[Example]:
             continue
         seen.add(question)
         records.append(gsm8k_example(f"arith-{len(records)}", question, " ".join(steps) + f" #### {value}"))
-    n_train = ARITH_SIZES["train"]
-    return records[:n_train] if split == "train" else records[n_train:]
+    start = 0
+    for name, size in ARITH_SIZES.items():
+        if name == split:
+            return records[start:start + size]
+        start += size

@@ -259,12 +259,13 @@ def test_prompt_without_chat_template_is_the_official_fallback(tiny_llama_dir, t
 
 
 def test_arith_is_deterministic_disjoint_and_self_consistent():
-    train, test = data.load_dataset("arith", "train"), data.load_dataset("arith", "test")
-    assert (len(train), len(test)) == (data.ARITH_SIZES["train"], data.ARITH_SIZES["test"])
+    train, test, val = (data.load_dataset("arith", s) for s in ("train", "test", "validation"))
+    assert (len(train), len(test), len(val)) == tuple(data.ARITH_SIZES[s] for s in ("train", "test", "validation"))
     assert [e.question for e in data.arith_examples("train")] == [e.question for e in train]  # same seed, same data
-    assert not {e.question for e in train} & {e.question for e in test}
+    questions = [{e.question for e in split} for split in (train, test, val)]
+    assert not questions[0] & questions[1] and not questions[0] & questions[2] and not questions[1] & questions[2]
     assert data.load_dataset("arith", "test", limit=5) == test[:5]
-    for e in train + test:
+    for e in train + test + val:
         # the gold rationale's steps, re-computed by Python, end at the gold answer and follow the question's verbs
         start = int(e.rationale.split(" starts with ")[1].split(".")[0])
         steps = e.rationale.split(". ")[1:]
@@ -278,8 +279,3 @@ def test_arith_is_deterministic_disjoint_and_self_consistent():
             value = {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op]
             assert value == int(rhs) and value >= 0
         assert str(value) == e.answer and e.answer_text == f"The answer is {value}."
-
-
-def test_arith_has_no_validation_split():
-    with pytest.raises(ValueError, match="arith has no split 'validation'"):
-        data.load_dataset("arith", "validation")
