@@ -66,7 +66,7 @@ class Example:
 
     @property
     def task(self) -> str:
-        return "arc" if self.choices else "gsm8k"
+        return "arc_challenge" if self.choices else "gsm8k"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -253,6 +253,27 @@ def write_atomic(dest: Path, body: bytes) -> None:
         raise
 
 
+def write_json(path, obj) -> None:
+    """A JSON file written atomically (write_atomic): a crash never leaves half of it."""
+    write_atomic(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_jsonl_rows(path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each line of a .jsonl file that a run appends to (eval.py's results,
+    train.py's metrics). A last line cut off mid-write (no newline, not JSON) is dropped; a bad line elsewhere is an error."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            if line.strip():
+                rows.append((number, json.loads(line)))
+        except json.JSONDecodeError:
+            if number < len(lines):  # not the torn last line of an interrupted run
+                raise ValueError(f"{path}:{number}: not valid JSON; expected one {what} per line") from None
+    return rows
+
+
 def split_file(name_or_path: str, split: str) -> Path:
     """The local .jsonl file holding `split` of a named dataset or path, downloading it into the cache if needed."""
     if name_or_path not in SPLITS:
@@ -299,16 +320,11 @@ def load_dataset(name_or_path: str, split: str = "train", limit: int | None = No
         return arith_examples(split)[:limit]
     path = split_file(name_or_path, split)
     examples = read_jsonl(path, limit=limit)
-    found = task_name(examples[0].task)
+    found = examples[0].task
     if name_or_path in SPLITS and found != name_or_path:
         raise ValueError(f"--dataset {name_or_path}: {path} holds {found}-layout records, not {name_or_path}; "
                          "pass the .jsonl path itself as --dataset to use it as what it is")
     return examples
-
-
-def task_name(task: str) -> str:
-    """Example.task ("gsm8k" / "arc") -> the dataset name that keys per-task settings ("gsm8k" / "arc_challenge")."""
-    return "arc_challenge" if task == "arc" else "gsm8k"
 
 
 def detect_task(name_or_path: str, split: str = "train") -> str:
@@ -331,7 +347,7 @@ def detect_task(name_or_path: str, split: str = "train") -> str:
 
 def plain_prompt_text(example: Example) -> str:
     """The official code's prompt for models without a chat template (base models)."""
-    if example.task == "arc":
+    if example.task == "arc_challenge":
         texts = [text for _, text in example.choices]
         return f"Question: {example.question}\nOptions: {texts}\nAnswer: {GSM8K_TRIGGER}"
     return f"{example.question}\n{GSM8K_TRIGGER}"

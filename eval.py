@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 import data
-from model import generate, load
-from parallel import compute_dtype, on_rank0, run_main, setup_distributed
+from model import generate, load, resolve_dtype
+from parallel import on_rank0, run_main, setup_distributed
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. The evaluation loop
@@ -94,7 +94,7 @@ def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, 
 
     records = []
     for ex, prompt in zip(examples, prompts):
-        gold = {"gold": ex.label, "gold_text": ex.answer} if ex.task == "arc" else {"gold": canonical_number(ex.answer)}
+        gold = {"gold": ex.label, "gold_text": ex.answer} if ex.task == "arc_challenge" else {"gold": canonical_number(ex.answer)}
         records.append({"id": ex.id, "prompt": tokenizer.decode(prompt)} | gold)
     if greedy:
         for ex, record, ids in zip(examples, records, generate(model, prompts, max_new_tokens, temperature=0.0,
@@ -171,14 +171,14 @@ def majority(answers: list[str | None]) -> str | None:
 
 def extract_answer(example: data.Example, text: str) -> str | None:
     """GSM8K: the canonical number; ARC: the chosen option's label."""
-    return extract_choice(text, example.choices) if example.task == "arc" else extract_number(text)
+    return extract_choice(text, example.choices) if example.task == "arc_challenge" else extract_number(text)
 
 
 def is_correct(example: data.Example, answer: str | None) -> bool:
     """GSM8K: the same number as the gold; ARC: the gold option's label."""
     if answer is None:
         return False
-    if example.task == "arc":
+    if example.task == "arc_challenge":
         return answer == example.label
     return math.isclose(float(answer), float(example.answer), rel_tol=1e-6, abs_tol=1e-6)
 
@@ -338,32 +338,12 @@ def summary_path(out: Path) -> Path:
     return out.with_name(out.name[: -len(".jsonl")] + ".summary.json")
 
 
-def read_jsonl_rows(path, what: str) -> list[tuple[int, dict]]:
-    """(line number, object) for each line of a .jsonl file that a run appends to (results here, train.py's
-    metrics). A last line cut off mid-write (no newline, not JSON) is dropped; a bad line elsewhere is an error."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            if line.strip():
-                rows.append((number, json.loads(line)))
-        except json.JSONDecodeError:
-            if number < len(lines):  # not the torn last line of an interrupted run
-                raise ValueError(f"{path}:{number}: not valid JSON; expected one {what} per line") from None
-    return rows
-
-
 def read_records(path: Path) -> list[dict]:
-    rows = read_jsonl_rows(path, "result record")
+    rows = data.read_jsonl_rows(path, "result record")
     for number, record in rows:
         if not isinstance(record, dict) or "id" not in record:
             raise ValueError(f"{path}:{number}: expected a result record with an 'id'")
     return [record for _, record in rows]
-
-
-def write_json(path: Path, obj) -> None:
-    data.write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())  # a crash never leaves half a summary
 
 
 def check_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
@@ -403,7 +383,7 @@ def start_output(out: Path, settings: dict, overwrite: bool) -> None:
                 os.replace(path, path.with_name(path.name + ".bak"))  # kept, not deleted: --overwrite can be a typo
         print(f"--overwrite: moved the previous results to {out}.bak")
     if not out.exists():  # the settings first (write_atomic makes the directory): a crash leaves a resumable pair
-        write_json(summary_file, {"settings": settings, "complete": False})
+        data.write_json(summary_file, {"settings": settings, "complete": False})
         out.touch()
         return
     with open(out, "rb+") as f:  # drop a torn last line, so the next append starts on a fresh line
@@ -473,7 +453,7 @@ def main(argv=None) -> int:
 def run(args, rank) -> int:
     out = Path(args.out) if args.out else default_out(args)
     device, _, _ = setup_distributed(args.device)
-    dtype = compute_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)
     settings = run_settings(args, dtype)
     done = on_rank0(rank, lambda: check_output(out, settings, args.overwrite))
     examples = data.load_dataset(args.dataset, args.split, args.limit)
@@ -499,7 +479,7 @@ def run(args, rank) -> int:
             print(f"  {len(examples) - len(pending) + len(new_records)}/{len(examples)} | accuracy "
                   f"{running['accuracy']:.1%} | {summarize(new_records)['generated_tokens'] / elapsed:.0f} tok/s | "
                   f"{elapsed:.0f}s", flush=True)
-            write_json(summary_file, {"settings": settings, "complete": False, **running})
+            data.write_json(summary_file, {"settings": settings, "complete": False, **running})
 
         _, run_summary = evaluate(model, tokenizer, pending, args.max_new_tokens, args.batch_size, args.samples,
                                   args.temperature, args.top_p, args.seed, greedy=not args.no_greedy,
@@ -523,7 +503,7 @@ def run(args, rank) -> int:
                     "tokens_per_s": round(run_summary["tokens_per_s"], 1), "batch_size": args.batch_size,
                     "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
     if pending or json.loads(summary_file.read_text()).get("complete") is not True:  # else it is written already
-        write_json(summary_file, summary)
+        data.write_json(summary_file, summary)
     for name, m in summary["metrics"].items():
         print(f"{name:>16}: {m['correct']}/{m['n']} = {m['accuracy']:.1%} "
               f"(95% CI {m['ci95'][0]:.1%}-{m['ci95'][1]:.1%})")

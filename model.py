@@ -853,6 +853,18 @@ def _assign(model, state, directory):
         raise ValueError(f"{directory}: the checkpoint does not match its config.json: {problem}") from None
 
 
+def resolve_dtype(flag, device):
+    """--dtype of train.py and eval.py: "float32" or "bfloat16" as given; "auto" = bf16 on a GPU and on a CPU with
+    native bf16 matmuls (AVX512-BF16 or AMX), else fp32."""
+    if flag != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[flag]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if native else torch.float32
+
+
 def load(name_or_path, device=None, dtype=None):
     """Loads a model and its tokenizer from a local HF directory, a hub id, or an alias in ALIASES.
     dtype defaults to bfloat16 on GPU and float32 on CPU. Returns (model in eval mode, tokenizer)."""

@@ -11,7 +11,6 @@ differs between the two lives here, so the training loop reads the same either w
 """
 import os
 import resource
-import subprocess
 import sys
 from datetime import timedelta
 from typing import NamedTuple
@@ -39,19 +38,6 @@ def choose_device(flag, world, local_rank, cuda_available):
     if not cuda_available:
         raise ValueError(f"--device {flag}: no CUDA device is available; use --device cpu")
     return f"cuda:{local_rank}" if world > 1 else flag
-
-
-def compute_dtype(flag, device):
-    """--dtype (train.py and eval.py): float32 or bfloat16 as given; auto = bf16 compute on a GPU, and on a CPU with
-    native bf16 matmuls (AVX512-BF16 or AMX: there a training step of SmolLM2-135M takes 25 s in bf16 against 53 s
-    in fp32), else fp32. Master weights stay fp32."""
-    if flag != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[flag]
-    if device.type == "cuda":
-        return torch.bfloat16
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if native else torch.float32
 
 
 def setup_distributed(device_flag):
@@ -170,71 +156,6 @@ def checkpointing_on(args, sharded):
     """Activation checkpointing: on when sharded unless --activation-checkpointing off (an 8B model's activations
     are ~18 GiB per 4 x 760-token micro-batch without it)."""
     return args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and sharded)
-
-
-def plan_run(args, world, compute_dtype, sharded):
-    """The memory plan of this run's configuration (plan.py), simulated on the CPU: fake tensors, fake process
-    group, no weights."""
-    import plan
-    config, _ = plan.model_config(args.model)  # the HF config.json of the model, as a dict
-    return plan.simulate(config, world, sharded, compute_dtype, args.num_samples, args.questions_per_step,
-                         args.max_rationale_tokens, args.micro_batch_size,
-                         checkpointing=checkpointing_on(args, sharded), temperature=args.temperature,
-                         prompt_tokens=args.plan_prompt_tokens or plan.PROMPT_TOKENS)
-
-
-def choose_sharding(args, world, gpu_memory_gib, compute_dtype):
-    """--fsdp auto: FSDP2 when a replica would not fit, by the memory plan of the replicated run (only with a memory
-    limit to plan against: a GPU, or --gpu-memory). -> (sharded, the plan of the replicated run or None)"""
-    if world == 1 or args.fsdp != "auto":
-        return world > 1 and args.fsdp == "on", None
-    if gpu_memory_gib is None or args.no_plan:
-        return False, None
-    import plan
-    config, _ = plan.model_config(args.model)
-    if plan.replica_lower_bound(config, compute_dtype) > plan.FIT_FRACTION * gpu_memory_gib * plan.GiB:
-        return True, None  # weights, gradients and moments alone do not fit: no need to simulate the replica
-    replicated = plan_run(args, world, compute_dtype, sharded=False)
-    return not plan.fits(replicated, gpu_memory_gib), replicated
-
-
-def preflight_plan(args, rank, world, compute_dtype, sharded, gpu_memory):
-    """The memory plan of a GPU run, printed in full by rank 0 before any model is loaded; simulated in a subprocess
-    (`train.py --plan`: its fake process group must not meet this process's real one). -> a short summary for the
-    preflight line."""
-    if gpu_memory is None:
-        return "no memory plan (CPU)"
-    if args.no_plan or rank != 0:
-        return "memory plan skipped (--no-plan)"
-    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    cmd = [sys.executable, train_py, "--plan", "--model", args.model, "--nproc", str(world),
-           "--gpu-memory", str(gpu_memory), "--fsdp", "on" if sharded else "off",
-           "--activation-checkpointing", "on" if checkpointing_on(args, sharded) else "off",
-           "--dtype", str(compute_dtype)[6:], "--num-samples", str(args.num_samples),
-           "--questions-per-step", str(args.questions_per_step), "--micro-batch-size", str(args.micro_batch_size),
-           "--max-rationale-tokens", str(args.max_rationale_tokens), "--temperature", str(args.temperature)] + \
-        (["--plan-prompt-tokens", str(args.plan_prompt_tokens)] if args.plan_prompt_tokens else [])
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        return f"memory plan failed ({(p.stderr.strip().splitlines() or ['?'])[-1]})"
-    print(p.stdout.rstrip(), flush=True)
-    return p.stdout.strip().splitlines()[-1].strip().split(" (")[0]
-
-
-def print_plan(args, world):
-    """--plan: the memory plan of the run these (checked) flags describe, on `world` GPUs of --gpu-memory GiB."""
-    import plan
-    compute_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16  # planned for GPUs: bf16 by default
-    gpu_memory = args.gpu_memory or 80.0
-    sharded, replicated = choose_sharding(args, world, gpu_memory, compute_dtype)
-    result = replicated if replicated is not None and not sharded else plan_run(args, world, compute_dtype, sharded)
-    _, alias = plan.model_config(args.model)
-    title = (f"memory plan | {args.model}{f' ({alias})' if alias and alias != args.model else ''} | {args.recipe} "
-             f"recipe: K={args.num_samples}, L={args.max_rationale_tokens}, {args.questions_per_step} questions/step, "
-             f"micro-batch {args.micro_batch_size} | {world} x {gpu_memory:g} GiB | "
-             f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | {str(compute_dtype)[6:]} | "
-             f"activation checkpointing {'on' if checkpointing_on(args, sharded) else 'off'} | rank 0 of {world}")
-    print(plan.format_plan(result, title, gpu_memory), flush=True)
 
 
 def device_mesh(device_type, world):

@@ -15,7 +15,7 @@ autocast (DDP) or FSDP2's MixedPrecisionPolicy, and sampling uses a bf16 copy of
 step, so a sharded policy is gathered once per step rather than at every decoding step.
 
 How the job spreads over processes and GPUs is in parallel.py; how the run lives on disk (run directory,
-checkpoints, resume, metrics.jsonl) is in checkpoint.py.
+checkpoints, resume, metrics.jsonl) is in rundir.py.
 """
 import argparse
 import functools
@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import checkpoint
 import data
 import eval as evaluation
 import latro
 import parallel
-from model import ALIASES, pad_right, token_logprobs
+import rundir
+from model import ALIASES, pad_right, resolve_dtype, token_logprobs
 
 # The paper's recipe (§5.1 and the official training.sh): lr 5e-7, K = 16, L = 500, T = 1, AdamW without warm-up,
 # linear decay, 24 questions (384 rollouts) per step; 6 "epochs" of GSM8K rollouts = 117 steps, 12 of ARC = 35.
@@ -139,7 +139,7 @@ def parse_args(argv=None):
 def paper_model(name):
     """Which of the paper's models `name` is: an alias, its hub id, or a local copy whose config.json has the same
     shape. None for anything else."""
-    import plan
+    from tools import plan
     by_repo = {ALIASES[a]: a for a in PAPER_MODELS}
     if name in PAPER_MODELS or name in by_repo:
         return by_repo.get(name, name)
@@ -154,7 +154,7 @@ def paper_model(name):
 def fill_defaults(args):
     """Unset flags come from the paper's recipe for the paper's models and from the laptop recipe otherwise."""
     args.model = args.model or "smollm2-135m"
-    args.dataset = checkpoint.dataset_id(args.dataset)
+    args.dataset = rundir.dataset_id(args.dataset)
     args.recipe = "paper" if paper_model(args.model) else "laptop"
     preset = PAPER if args.recipe == "paper" else LAPTOP
     name = data.detect_task(args.dataset, args.split)  # from the data's layout, not from the file's name
@@ -295,15 +295,15 @@ def train(args):
     """Resolves the flags (restoring a resumed run's), takes the run directory, then trains (run). Ctrl-C becomes
     one line saying where the run stopped and how to continue it."""
     device, rank, world = parallel.setup_distributed(args.device)
-    resume_state = checkpoint.read_resume_state(args) if args.resume else None
+    resume_state = rundir.read_resume_state(args) if args.resume else None
     if resume_state:
         args.model = resume_state["base_model"]
-        checkpoint.restore_run_args(args, resume_state, world)
+        rundir.restore_run_args(args, resume_state, world)
     fill_defaults(args)
     check_args(args, world)
     lock, status = None, {"step": resume_state["step"] if resume_state else 0}
     try:
-        lock = parallel.on_rank0(rank, lambda: checkpoint.prepare_run_dir(args, status["step"]))
+        lock = parallel.on_rank0(rank, lambda: rundir.prepare_run_dir(args, status["step"]))
         run(args, device, rank, world, resume_state, status)
         if world > 1:
             # after run() has returned: gloo aborts at exit now and then (1 in ~10 on 2 CPU ranks) when FSDP
@@ -312,27 +312,26 @@ def train(args):
             dist.destroy_process_group()
     except KeyboardInterrupt:
         if lock:
-            checkpoint.remove_partials(args.out)
+            rundir.remove_partials(args.out)
         raise interrupted(args, world, status["step"]) from None
     finally:
         if lock:
-            checkpoint.release_lock(lock)
+            rundir.release_lock(lock)
 
 
 def run(args, device, rank, world, resume_state, status):
-    compute_dtype = parallel.compute_dtype(args.dtype, device)
+    compute_dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed + rank)
     examples = parallel.load_examples(args.dataset, args.split, args.limit, world, device)
     gpu_memory = args.gpu_memory or (parallel.device_memory(device) / 2**30 if device.type == "cuda" else None)
-    sharded, _ = parallel.choose_sharding(args, world, gpu_memory, compute_dtype)
-    memory = parallel.preflight_plan(args, rank, world, compute_dtype, sharded, gpu_memory)  # before loading
+    sharded, memory = memory_plan(args, rank, world, compute_dtype, gpu_memory)  # before loading
     models = parallel.build_models(args, device, world, compute_dtype, sharded)  # policy, sampler, reference
     policy, sampler, _, tokenizer = models
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=args.weight_decay, fused=not sharded)
     start = 0
     if resume_state:
-        start = checkpoint.load_training_state(args.resume, resume_state, policy, optimizer, sharded, rank, world)
+        start = rundir.load_training_state(args.resume, resume_state, policy, optimizer, sharded, rank, world)
     cfg = latro.LatroConfig(
         num_samples=args.num_samples, beta=args.beta, answer_weight=args.answer_weight,
         max_rationale_tokens=args.max_rationale_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -341,8 +340,8 @@ def run(args, device, rank, world, resume_state, status):
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         if resume_state:
-            checkpoint.truncate_metrics(metrics_path, start)
-        checkpoint.write_json(os.path.join(args.out, "config.json"), {"args": vars(args), "latro": asdict(cfg)})
+            rundir.truncate_metrics(metrics_path, start)
+        data.write_json(os.path.join(args.out, "config.json"), {"args": vars(args), "latro": asdict(cfg)})
         print_preflight(args, world, compute_dtype, sharded, memory, models, examples, start)
     wandb_run = start_wandb(args) if args.wandb and rank == 0 else None
     evaluator = None
@@ -365,7 +364,7 @@ def run(args, device, rank, world, resume_state, status):
     if evaluator and start == 0:  # the held-out accuracy before training, logged as step 0
         before = eval_metrics(evaluator(0))
         if rank == 0:
-            checkpoint.append_metrics(metrics_path, {"step": 0} | before)
+            rundir.append_metrics(metrics_path, {"step": 0} | before)
     policy.train()
     for step in range(start, args.steps):
         status["step"] = step
@@ -402,14 +401,24 @@ def run(args, device, rank, world, resume_state, status):
         if evaluator and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             m |= eval_metrics(evaluator(step + 1))
         if rank == 0:
-            checkpoint.append_metrics(metrics_path, m)
+            rundir.append_metrics(metrics_path, m)
             if wandb_run:
                 wandb_run.log(m, step=step + 1)
         if not args.no_save and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
-            last_saved = checkpoint.save_checkpoint(args.out, step + 1, policy, sampler, tokenizer, optimizer,
+            last_saved = rundir.save_checkpoint(args.out, step + 1, policy, sampler, tokenizer, optimizer,
                                                     sharded, rank, world, args)
     if rank == 0:
         print_summary(args, start, time.time() - t_run, last_saved, metrics_path)
+
+
+def memory_plan(args, rank, world, compute_dtype, gpu_memory):
+    """-> (sharded, the preflight's summary of the plan). Sharding: --fsdp on/off as given; auto asks the memory plan
+    (tools/plan.py) whether a replica fits, when there are several ranks and a GPU's memory to plan against."""
+    if gpu_memory is None:  # a CPU run: nothing to plan against
+        return world > 1 and args.fsdp == "on", "no memory plan (CPU)"
+    from tools import plan  # a tool: imported only on a GPU run
+    sharded, _ = plan.choose_sharding(args, world, gpu_memory, compute_dtype)
+    return sharded, plan.preflight_plan(args, rank, world, compute_dtype, sharded, gpu_memory)
 
 
 def held_out_accuracy(sampler, tokenizer, examples, args, rank, step):
@@ -445,18 +454,18 @@ def skip_step(optimizer, m, step, bad_steps, rank, out):
         bad = ", ".join(f"{k} {v}" for k, v in m.items() if isinstance(v, float) and not math.isfinite(v))
         raise TrainingStopped(f"steps {step + 2 - MAX_BAD_STEPS}-{step + 1}: {MAX_BAD_STEPS} non-finite "
                               f"losses in a row ({bad}); stopped, nothing saved for them; last good "
-                              f"checkpoint: {(checkpoint.checkpoints(out) or ['none'])[-1]}")
+                              f"checkpoint: {(rundir.checkpoints(out) or ['none'])[-1]}")
 
 
 def interrupted(args, world, step):
     """Ctrl-C during `step` (0-based): where the run stopped and how to continue it, as one line."""
-    last = (checkpoint.checkpoints(args.out) or [None])[-1]
+    last = (rundir.checkpoints(args.out) or [None])[-1]
     launcher = f"torchrun --nproc_per_node {world} train.py" if world > 1 else "python train.py"
     stopped = TrainingStopped(
         f"interrupted during step {step + 1} ({step} of {args.steps} done); " +
         (f"last checkpoint: {last}; continue with: {launcher} --resume {last}" if last else
          "no checkpoint written yet (--save-every N writes some); start again" +
-         (" with --overwrite" if os.path.isdir(args.out) and checkpoint.holds_run(args.out) else "")))
+         (" with --overwrite" if os.path.isdir(args.out) and rundir.holds_run(args.out) else "")))
     stopped.exit_code = 130
     return stopped
 
@@ -471,7 +480,7 @@ def print_preflight(args, world, compute_dtype, sharded, memory, models, example
           f"activation checkpointing {'on' if parallel.checkpointing_on(args, sharded) else 'off'} | "
           f"{args.recipe} recipe | {memory} | {len(examples)} questions | "
           f"{args.questions_per_step} questions x K={args.num_samples} per step | {os.path.basename(args.dataset)} "
-          f"({data.task_name(examples[0].task)} prompts), beta {args.beta} | steps {start}->{args.steps}", flush=True)
+          f"({examples[0].task} prompts), beta {args.beta} | steps {start}->{args.steps}", flush=True)
 
 
 def start_wandb(args):
@@ -494,8 +503,8 @@ def progress_line(m):
 def print_summary(args, start, seconds, last_saved, metrics_path):
     rows = []
     if os.path.isfile(metrics_path):
-        checkpoint.plot_curves(metrics_path, os.path.join(args.out, "curves.png"))
-        rows = checkpoint.read_metrics(metrics_path)
+        rundir.plot_curves(metrics_path, os.path.join(args.out, "curves.png"))
+        rows = rundir.read_metrics(metrics_path)
     last = next((row for row in reversed(rows) if "loss" in row), {})
     evals = {row["step"]: row for row in rows if "eval_accuracy" in row}
     print(f"done | {args.method} {args.model} on {args.dataset} | steps {start}->{args.steps} in {seconds:.0f}s | "
@@ -560,13 +569,14 @@ def main(argv=None):
             fill_defaults(args)
             world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
             check_args(args, world)
-            parallel.print_plan(args, world)
+            from tools import plan  # a tool: imported only when asked for
+            plan.print_plan(args, world)
         else:
             train(args)
     except (ValueError, FileNotFoundError) as e:  # a bad flag or input: nothing was trained
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (TrainingStopped, checkpoint.SaveFailed) as e:  # non-finite losses, a failed save, Ctrl-C
+    except (TrainingStopped, rundir.SaveFailed) as e:  # non-finite losses, a failed save, Ctrl-C
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 1))
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import latro  # noqa: E402
 import parallel  # noqa: E402
-import plan  # noqa: E402
+from tools import plan  # noqa: E402
 from model import token_logprobs  # noqa: E402
 
 SMALL = dict(model_type="llama", vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=4,

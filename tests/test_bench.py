@@ -19,7 +19,7 @@ def test_bench_step_section(tmp_path, tiny_llama_dir):
                                  + "\n" for i in range(n_questions)))
     out = tmp_path / "step.json"
     # micro-batch 3 of 4 rows: the last micro-batch is short
-    p = run_command([sys.executable, "bench.py", "--sections", "step", "--device", "cpu", "--model", tiny_llama_dir,
+    p = run_command([sys.executable, "tools/bench.py", "--sections", "step", "--device", "cpu", "--model", tiny_llama_dir,
                      "--step-data", str(questions), "--step-questions", str(n_questions), "-K", str(K), "-L", str(L),
                      "--step-micro-batch", "3", "--threads", "1", "--out", str(out)], cwd=REPO_ROOT,
                     env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)

@@ -74,7 +74,7 @@ ARC_PROMPT = (  # paper Fig. 6 / the official data_utils.py, with the options as
 @pytest.mark.parametrize("record", [ARC_HF, ARC_AI2], ids=["hf_layout", "ai2_layout"])
 def test_arc_both_layouts(tmp_path, record):
     (example,) = data.load_dataset(str(write_jsonl(tmp_path / "arc.jsonl", [record])))
-    assert example.id == "Mercury_7175875" and example.task == "arc"
+    assert example.id == "Mercury_7175875" and example.task == "arc_challenge"
     assert example.prompt_text == ARC_PROMPT
     assert example.answer == "Planetary days will become shorter." and example.label == "C"
     assert example.answer_text == "The answer is Planetary days will become shorter.."  # as the official code

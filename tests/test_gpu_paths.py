@@ -114,7 +114,7 @@ def test_bench_gpu_section_runs_its_steps_on_cpu(tmp_path, tiny_llama_dir):
     questions.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i}\n#### {2 * i}"})
                                  + "\n" for i in range(2)))
     out = tmp_path / "gpu.json"
-    p = run_command([sys.executable, "bench.py", "--sections", "gpu", "--device", "cpu", "--gpu-shape", "tiny",
+    p = run_command([sys.executable, "tools/bench.py", "--sections", "gpu", "--device", "cpu", "--gpu-shape", "tiny",
                      "--model", tiny_llama_dir, "--data", str(questions), "--samples", "2", "--new-tokens", "6",
                      "--threads", "1", "--out", str(out)], cwd=REPO_ROOT,
                     env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)

@@ -55,7 +55,7 @@ def test_llama_8b_paper_recipe_plans_under_70_gib_on_8_x_80():
 def test_plan_matches_a_real_two_rank_gloo_run():
     """The same simulate() with real tensors on a real 2-rank gloo group (FSDP2's real all-gathers, reduce-scatters
     and buffers) vs fake tensors on the fake group: each phase's peak within 15%."""
-    import plan
+    from tools import plan
     out = torchrun("plan")
     real = json.loads(next(line for line in out.splitlines() if line.startswith("PLAN "))[5:])
     fake = plan.simulate(SMALL, 2, True, torch.bfloat16, num_samples=4, questions_per_step=4, max_rationale_tokens=48,
@@ -68,7 +68,7 @@ def test_plan_matches_a_real_two_rank_gloo_run():
 
 def test_plan_resident_bytes_by_hand():
     """Sharded on 2 ranks, rank 0 holds the first ceil(rows / 2) rows of every parameter (FSDP2 shards dim 0)."""
-    import plan
+    from tools import plan
     from model import ModelArgs, Transformer
     r = plan.simulate(SMALL, 2, True, torch.bfloat16, num_samples=4, questions_per_step=4, max_rationale_tokens=48,
                       micro_batch_size=2, checkpointing=True, prompt_tokens=24, answer_tokens=8)
@@ -95,7 +95,7 @@ def test_sampler_and_policy_logprobs_identical_under_fsdp_bf16(tiny_llama_dir):
 def test_recipe_follows_the_resolved_checkpoint(tmp_path, tiny_llama_dir):
     """The paper's recipe for the paper's models however they are named (alias, hub id, a local copy); the laptop
     recipe for anything else."""
-    import plan
+    from tools import plan
     import train
     local = tmp_path / "my-llama"
     local.mkdir()

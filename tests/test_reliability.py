@@ -188,14 +188,14 @@ def test_fsdp_resume_with_uneven_vocabulary_and_across_modes(straight, tmp_path,
 def test_adamw_step_is_restored_where_the_optimizer_keeps_it(straight, tmp_path):
     """After a resume, every AdamW state tensor equals the checkpoint's and sits where a freshly stepped optimizer
     of the same kind keeps it (load_state_dict's rule: fused/capturable on the parameter's device, else the CPU)."""
-    import checkpoint
+    import rundir
     from model import load
     ckpt = os.path.join(straight, "checkpoint-000002")
     policy, _ = load(ckpt, device="cpu", dtype=torch.float32)
     saved = load_file(os.path.join(ckpt, "optimizer.safetensors"))
     for fused in (False, True):
         opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, fused=fused)
-        checkpoint.load_optimizer_tensors(opt, policy, saved, sharded=False)
+        rundir.load_optimizer_tensors(opt, policy, saved, sharded=False)
         fresh = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=1e-4, fused=fused)
         fresh.param_groups[0]["params"][0].grad = torch.ones(2)
         fresh.step()
@@ -310,8 +310,8 @@ def test_keep_last_keeps_the_newest(tmp_path, model_451, gsm6):
            "--keep-last", "2", *TINY])
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000003",
                                                                                 "checkpoint-000004"]
-    import checkpoint
-    checkpoint.prune_checkpoints(out, 1, os.path.join(out, "checkpoint-000004"))
+    import rundir
+    rundir.prune_checkpoints(out, 1, os.path.join(out, "checkpoint-000004"))
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-000004"]
 
 

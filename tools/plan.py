@@ -32,11 +32,17 @@ second moments, the size of the fp32 shard) is added instead (a replica's AdamW 
 Precedent: torchtitan's estimate_memory (FSDPMemTracker on a fake-PG training step). This plan adds the sampling
 phase, the frozen reference and the sampling copy, which an RL step holds besides the training state.
 """
+import os
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import parallel  # noqa: E402
 
 GiB = 2 ** 30
 FIT_FRACTION = 0.875  # 70 GiB of an 80 GiB card: room for the CUDA context, NCCL buffers and fragmentation
@@ -368,3 +374,68 @@ def peak_bytes(result):
 
 def fits(result, gpu_memory_gib):
     return peak_bytes(result) <= FIT_FRACTION * gpu_memory_gib * GiB
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What train.py asks of the plan
+
+def plan_run(args, world, compute_dtype, sharded):
+    """The memory plan of this run's configuration (py), simulated on the CPU: fake tensors, fake process
+    group, no weights."""
+    config, _ = model_config(args.model)  # the HF config.json of the model, as a dict
+    return simulate(config, world, sharded, compute_dtype, args.num_samples, args.questions_per_step,
+                         args.max_rationale_tokens, args.micro_batch_size,
+                         checkpointing=parallel.checkpointing_on(args, sharded), temperature=args.temperature,
+                         prompt_tokens=args.plan_prompt_tokens or PROMPT_TOKENS)
+
+
+def choose_sharding(args, world, gpu_memory_gib, compute_dtype):
+    """--fsdp auto: FSDP2 when a replica would not fit, by the memory plan of the replicated run (only with a memory
+    limit to plan against: a GPU, or --gpu-memory). -> (sharded, the plan of the replicated run or None)"""
+    if world == 1 or args.fsdp != "auto":
+        return world > 1 and args.fsdp == "on", None
+    if gpu_memory_gib is None or args.no_plan:
+        return False, None
+    config, _ = model_config(args.model)
+    if replica_lower_bound(config, compute_dtype) > FIT_FRACTION * gpu_memory_gib * GiB:
+        return True, None  # weights, gradients and moments alone do not fit: no need to simulate the replica
+    replicated = plan_run(args, world, compute_dtype, sharded=False)
+    return not fits(replicated, gpu_memory_gib), replicated
+
+
+def preflight_plan(args, rank, world, compute_dtype, sharded, gpu_memory):
+    """The memory plan of a GPU run, printed in full by rank 0 before any model is loaded; simulated in a subprocess
+    (`train.py --plan`: its fake process group must not meet this process's real one). -> a short summary for the
+    preflight line."""
+    if gpu_memory is None:
+        return "no memory plan (CPU)"
+    if args.no_plan or rank != 0:
+        return "memory plan skipped (--no-plan)"
+    train_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+    cmd = [sys.executable, train_py, "--plan", "--model", args.model, "--nproc", str(world),
+           "--gpu-memory", str(gpu_memory), "--fsdp", "on" if sharded else "off",
+           "--activation-checkpointing", "on" if parallel.checkpointing_on(args, sharded) else "off",
+           "--dtype", str(compute_dtype)[6:], "--num-samples", str(args.num_samples),
+           "--questions-per-step", str(args.questions_per_step), "--micro-batch-size", str(args.micro_batch_size),
+           "--max-rationale-tokens", str(args.max_rationale_tokens), "--temperature", str(args.temperature)] + \
+        (["--plan-prompt-tokens", str(args.plan_prompt_tokens)] if args.plan_prompt_tokens else [])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"memory plan failed ({(p.stderr.strip().splitlines() or ['?'])[-1]})"
+    print(p.stdout.rstrip(), flush=True)
+    return p.stdout.strip().splitlines()[-1].strip().split(" (")[0]
+
+
+def print_plan(args, world):
+    """--plan: the memory plan of the run these (checked) flags describe, on `world` GPUs of --gpu-memory GiB."""
+    compute_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16  # planned for GPUs: bf16 by default
+    gpu_memory = args.gpu_memory or 80.0
+    sharded, replicated = choose_sharding(args, world, gpu_memory, compute_dtype)
+    result = replicated if replicated is not None and not sharded else plan_run(args, world, compute_dtype, sharded)
+    _, alias = model_config(args.model)
+    title = (f"memory plan | {args.model}{f' ({alias})' if alias and alias != args.model else ''} | {args.recipe} "
+             f"recipe: K={args.num_samples}, L={args.max_rationale_tokens}, {args.questions_per_step} questions/step, "
+             f"micro-batch {args.micro_batch_size} | {world} x {gpu_memory:g} GiB | "
+             f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | {str(compute_dtype)[6:]} | "
+             f"activation checkpointing {'on' if parallel.checkpointing_on(args, sharded) else 'off'} | rank 0 of {world}")
+    print(format_plan(result, title, gpu_memory), flush=True)

@@ -43,10 +43,11 @@ import time
 
 import torch
 
-import data
-import model as M
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import data  # noqa: E402
+import model as M  # noqa: E402
 
-GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "gsm8k", "test.jsonl")
+GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "gsm8k", "test.jsonl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -611,7 +612,7 @@ def bench_gpu(args):
               "--gpu-memory", str(args.gpu_memory), "--plan-prompt-tokens", str(prompt_tokens),
               "--eval-every", "0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     first = subprocess.run([sys.executable, os.path.join(here, "train.py"), "--model", ckpt, "--steps", "2", *common],
                            capture_output=True, text=True, env=env)
     print(first.stdout, flush=True)

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 import data
-import eval as evaluation
 from model import save
 from parallel import first_error, unwrap
 
@@ -42,10 +41,6 @@ PER_INVOCATION = ("resume", "out", "overwrite", "device", "explicit", "allow_rec
 
 class SaveFailed(RuntimeError):
     """A checkpoint could not be written (disk full, on any rank); its partial files are removed."""
-
-
-def write_json(path, obj):
-    data.write_atomic(Path(path), json.dumps(obj, indent=2).encode())
 
 
 def dataset_id(name):
@@ -269,7 +264,7 @@ def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharde
                 for name in os.listdir(f"{tmp}.rank{r}"):
                     os.replace(os.path.join(f"{tmp}.rank{r}", name), os.path.join(tmp, name))
                 os.rmdir(f"{tmp}.rank{r}")
-            write_json(os.path.join(tmp, "trainer_state.json"),
+            data.write_json(os.path.join(tmp, "trainer_state.json"),
                        {"step": step, "base_model": args.model, "method": args.method, "world_size": world,
                         "sharded": sharded, "args": vars(args)})
             # a checkpoint is a directory, renamed into place as a whole: data.write_atomic replaces one file
@@ -428,7 +423,7 @@ def append_metrics(path, m):
 def read_metrics(path, last_step=None):
     """The rows of metrics.jsonl (up to last_step), read as eval.py reads its results: a torn last line (the run
     was killed mid-write) is dropped, a bad line elsewhere is an error naming it."""
-    return [row for _, row in evaluation.read_jsonl_rows(path, "metrics record")
+    return [row for _, row in data.read_jsonl_rows(path, "metrics record")
             if last_step is None or row.get("step", 0) <= last_step]
 
 
