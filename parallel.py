@@ -40,6 +40,20 @@ def choose_device(flag, world, local_rank, cuda_available):
     return f"cuda:{local_rank}" if world > 1 else flag
 
 
+def check_flags(args, ranges):
+    """Every numeric flag against one table, before anything loads: ranges maps a flag to (test, what is expected);
+    a flag left unset (None) is not checked. The first broken one is a ValueError naming it."""
+    for flag, (ok, expected) in ranges.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None and not ok(value):
+            raise ValueError(f"{flag} {value}: expected {expected}")
+
+
+POSITIVE = (lambda v: v >= 1, "a positive integer")
+NON_NEGATIVE = (lambda v: v >= 0, "0 or more")
+UNIT = (lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
 def setup_distributed(device_flag):
     """-> (device, rank, world). A plain `python train.py` (or eval.py) is rank 0 of 1 and never touches
     torch.distributed. NCCL gets the device up front and a long timeout: ranks wait in barriers while rank 0 writes
