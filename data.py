@@ -1,28 +1,23 @@
-"""GSM8K and ARC-Challenge, prepared the way the LaTRO paper uses them.
+"""GSM8K, ARC-Challenge and `arith`, prepared the way the LaTRO paper uses them.
 
 Every question becomes an `Example`: the zero-shot user message with the chain-of-thought trigger (x), the gold
 answer, and the answer template y = "The answer is {gold}." that LaTRO scores as its reward (the caller appends the
-model's end-of-turn token). The prompts are the paper's Figures 5 and 6, which match the official code
-(data_utils.py) character for character:
+model's end-of-turn token). The prompts are the paper's Figures 5 and 6, character for character the official
+code's (data_utils.py), wrapped in the model's own chat template (`chat_prompt`):
 
     GSM8K:  "{question} Let's think step by step."
     ARC:    "Question: {question}\nOptions: {choice texts as a Python list}\nLet's think step by step first then
              print your answer like 'The answer is (one of the options)'."
 
-The user message is wrapped in the model's own chat template with the generation prompt (`chat_prompt`).
+Where the data comes from (`load_dataset`): a local .jsonl file (or a directory of {split}.jsonl) in either
+dataset's layout; else $LATRO_DATA_DIR/{gsm8k,arc_challenge}/{split}.jsonl; else a download cache
+($LATRO_CACHE/data, default ~/.cache/latro/data) filled from GSM8K's raw files at a pinned commit (sha256-checked)
+or from the Hub's dataset-viewer /rows API for allenai/ai2_arc (JSON rows: no pyarrow needed).
 
-Where the data comes from (`load_dataset`), in order:
-  1. a local .jsonl file (or a directory holding {split}.jsonl), in either dataset's original layout;
-  2. $LATRO_DATA_DIR/{gsm8k,arc_challenge}/{split}.jsonl, for machines without network access;
-  3. the download cache, $LATRO_CACHE/data (default ~/.cache/latro/data), filled on first use from
-     - GSM8K: the raw files of github.com/openai/grade-school-math at a pinned commit, checked by sha256;
-     - ARC-Challenge: the Hugging Face dataset allenai/ai2_arc (config ARC-Challenge), read as JSON through the
-       Hub's dataset-viewer /rows API. The Hub stores ARC as parquet, and reading parquet needs pyarrow, which
-       this project does not depend on; the /rows API serves the same rows as JSON, 100 at a time.
-
-Two departures from the official code, both for the reader's benefit: the GSM8K gold answer has its thousands
-separators removed ("1,080" -> "1080"; the official y keeps them), and the gold rationale (kept only for the SFT
-baseline) has the <<48/2=24>> calculator annotations removed.
+Splits: GSM8K has no validation split, so one is carved from train: GSM8K_VALIDATION questions drawn with a fixed
+seed, removed from train. ARC-Challenge ships one. arith's three splits are one seeded stream cut in three.
+Departures from the official code: the GSM8K gold has its thousands separators removed ("1,080" -> "1080"), and the
+gold rationale (for the SFT baseline) its <<48/2=24>> calculator annotations.
 """
 
 import json
@@ -38,8 +33,7 @@ from pathlib import Path
 GSM8K_TRIGGER = "Let's think step by step."
 ARC_TRIGGER = "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
 
-# Named datasets and their splits. GSM8K has no validation split; carve one out of train if you need it.
-SPLITS = {"gsm8k": ("train", "test"), "arc_challenge": ("train", "validation", "test"),
+SPLITS = {"gsm8k": ("train", "validation", "test"), "arc_challenge": ("train", "validation", "test"),
           "arith": ("train", "validation", "test")}
 
 GSM8K_COMMIT = "3101c7d5072418e28b9008a6636bde82a006892c"  # openai/grade-school-math, 2021-11-19
@@ -51,6 +45,8 @@ GSM8K_SHA256 = {
 ARC_ROWS_URL = "https://datasets-server.huggingface.co/rows?{query}"
 ARC_SIZES = {"train": 1119, "validation": 299, "test": 1172}
 ARC_PAGE = 100  # the most rows the /rows API returns per request
+GSM8K_VALIDATION, GSM8K_VALIDATION_SEED = 500, 0  # carved from GSM8K's 7,473 train questions
+NUMBER = re.compile(r"-?\d+(\.\d+)?")  # a GSM8K gold answer, once its thousands separators are gone
 
 
 @dataclass
@@ -131,8 +127,8 @@ def example_from_record(record: dict, layout: str, default_id: str) -> Example:
         if solution.count("#### ") != 1:
             raise ValueError("expected 'answer' to contain exactly one '#### ' followed by the final answer")
         example = gsm8k_example(str(record.get("id", default_id)), question, solution)
-        if not example.answer:
-            raise ValueError("expected a final answer after '#### '")
+        if not NUMBER.fullmatch(example.answer):
+            raise ValueError(f"expected a number after '#### ', got {example.answer!r}")
         return example
 
     if layout == "arc_hf":
@@ -167,13 +163,18 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     examples, layout = [], None
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
             if limit is not None and len(examples) >= limit:
                 break
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 "expected UTF-8 JSON lines") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -240,6 +241,7 @@ def write_atomic(dest: Path, body: bytes) -> None:
     temporary name is unique, so concurrent writers (ranks on one machine) never write into each other's file;
     each rename is atomic and the last one wins with a complete file."""
     import tempfile
+    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
     try:
@@ -251,6 +253,31 @@ def write_atomic(dest: Path, body: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def append_lines(path, lines: list[str]) -> None:
+    """Appends whole lines in one write. If it fails (a full disk) the file is cut back to where it was, so a rerun
+    never meets a torn record."""
+    body = "".join(line + "\n" for line in lines).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            os.ftruncate(fd, size)
+            e.filename = e.filename or str(path)
+            raise
+    finally:
+        os.close(fd)
+
+
+def content_hash(examples: list[Example]) -> str:
+    """What a training run's questions are, as a short hash: a resumed run must see the same ones."""
+    text = json.dumps([(e.id, e.prompt_text, e.answer, e.rationale) for e in examples])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_json(path, obj) -> None:
@@ -288,6 +315,8 @@ def split_file(name_or_path: str, split: str) -> Path:
         )
     if split not in SPLITS[name_or_path]:
         raise ValueError(f"{name_or_path} has no split {split!r}: expected one of {', '.join(SPLITS[name_or_path])}")
+    if name_or_path == "gsm8k" and split == "validation":
+        split = "train"  # carved from it (load_dataset)
 
     if os.environ.get("LATRO_DATA_DIR"):
         local = Path(os.environ["LATRO_DATA_DIR"]).expanduser() / name_or_path / f"{split}.jsonl"
@@ -319,7 +348,11 @@ def load_dataset(name_or_path: str, split: str = "train", limit: int | None = No
     if name_or_path == "arith":
         return arith_examples(split)[:limit]
     path = split_file(name_or_path, split)
-    examples = read_jsonl(path, limit=limit)
+    carve = name_or_path == "gsm8k" and split != "test"
+    examples = read_jsonl(path, limit=None if carve else limit)
+    if carve:  # GSM8K's validation split: fixed questions of its train file, which train then leaves out
+        held = set(random.Random(GSM8K_VALIDATION_SEED).sample(range(len(examples)), GSM8K_VALIDATION))
+        examples = [e for i, e in enumerate(examples) if (i in held) == (split == "validation")][:limit]
     found = examples[0].task
     if name_or_path in SPLITS and found != name_or_path:
         raise ValueError(f"--dataset {name_or_path}: {path} holds {found}-layout records, not {name_or_path}; "

@@ -40,14 +40,8 @@ Simplifications and choices versus the paper and its official code (SalesforceAI
     log pi(y|x+z) is the model's likelihood at temperature 1. Both are 1 by default, as in the paper.
   * One optimiser step per sampled batch, fully on-policy: no PPO ratio or clipping, no advantage whitening.
 
-The ablation (reward="exact"): the verifiable-reward baseline that GRPO/RLOO users run, in the same loop with the
-same KL and RLOO advantages. R(z) = 1 if the answer the completion states equals the gold answer, else 0, whether
-or not it stopped (GRPO's accuracy rewards parse whatever was generated; the non-stop penalty, gamma * mean(R) >= 0,
-would pay a completion for not stopping, so it is off). Sampling then runs to end-of-turn (no stop strings: the
-stated answer is part of z), and the answer-likelihood weight is usually 0. LaTRO needs only the gold answer's
-likelihood; this baseline needs an answer checker. Comparing the two at one budget shows what the self-reward
-buys: a dense, graded signal (every rationale gets a log-likelihood, not a 0/1) that also moves when no sample of a
-question is right yet.
+reward_kind="exact" swaps R for the verifiable reward that GRPO/RLOO users train with, 1[stated answer == gold],
+in the same loop with the same KL and RLOO advantages (an ablation: see the README, "Does it work?").
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -76,12 +70,12 @@ class LatroConfig:
     penalty_factor: float = 2.0        # gamma
     stop_strings: tuple = STOP_STRINGS
     micro_batch_size: int = 4          # rollout rows per scoring forward / backward (packed: see pack)
-    reward: str = "self"               # "self": R = log pi(y|x,z) (LaTRO); "exact": R = 1[stated answer == gold]
+    reward_kind: str = "self"          # "self": R = log pi(y|x,z) (LaTRO); "exact": R = 1[stated answer == gold]
     compiled: bool = False             # sample with the compiled fixed-shape decoding step (model.generate)
 
     def __post_init__(self):
-        if self.reward not in ("self", "exact"):
-            raise ValueError(f"LatroConfig.reward: expected 'self' or 'exact', got {self.reward!r}")
+        if self.reward_kind not in ("self", "exact"):
+            raise ValueError(f"LatroConfig.reward_kind: expected 'self' or 'exact', got {self.reward_kind!r}")
 
 
 @dataclass
@@ -149,7 +143,7 @@ def sample(policy, tokenizer, prompts, answers, cfg, seeds=None, progress=None):
     ("The answer is 18."). seeds: one per question (sampling then depends only on the question's own seed).
     progress: optional callable("sample", **counts) after each decoding step (see model.generate)."""
     K, device, eos = cfg.num_samples, policy_device(policy), set(tokenizer.eos_ids)
-    stop_strings = cfg.stop_strings if cfg.reward == "self" else ()  # "exact" reads the answer z itself states
+    stop_strings = cfg.stop_strings if cfg.reward_kind == "self" else ()  # "exact" reads the answer z itself states
     samples = generate(policy, prompts, cfg.max_rationale_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                        stop=sorted(eos) + list(stop_strings), num_samples=K, seed=seeds, tokenizer=tokenizer,
                        progress=progress and (lambda **c: progress("sample", **c)), compiled=cfg.compiled)
@@ -266,7 +260,7 @@ def rloo_advantages(r, k):
 def compute_advantages(policy, reference, ro, cfg, correct=None, progress=None):
     """Steps 3-5 for a sampled Rollout, with no gradient: every term of the objective up to the RLOO advantage.
     correct: (N,) bool, whether each rationale states the gold answer (the caller's answer checker); only
-    reward="exact" reads it. progress: optional callable("score", **counts) after each micro-batch. -> Terms."""
+    reward_kind="exact" reads it. progress: optional callable("score", **counts) after each micro-batch. -> Terms."""
     n = ro.tokens.shape[0]
     logp, reward, logp_ref = (torch.zeros(n, device=ro.tokens.device) for _ in range(3))
     batches = list(micro_batches(ro, cfg.micro_batch_size, cfg.num_samples))
@@ -276,10 +270,10 @@ def compute_advantages(policy, reference, ro, cfg, correct=None, progress=None):
         if progress is not None:
             progress("score", done=j + 1, total=len(batches), rows_finished=min((j + 1) * cfg.micro_batch_size, n),
                      rows=n, tokens=0)
-    if cfg.reward == "exact":                                   # the ablation: R = 1[stated answer == gold]
+    if cfg.reward_kind == "exact":                                   # the ablation: R = 1[stated answer == gold]
         reward = torch.as_tensor(correct, device=reward.device).float()
     penalised = reward
-    if cfg.nonstop_penalty and cfg.reward == "self":         # non-stop penalty: R := gamma * mean(R) if not stopped
+    if cfg.nonstop_penalty and cfg.reward_kind == "self":         # non-stop penalty: R := gamma * mean(R) if not stopped
         penalised = penalised_reward(reward, ro.stopped, cfg.penalty_factor)
     r = adjusted_reward(penalised, logp, logp_ref, cfg.beta)                          # r = R - beta * KL
     advantages = rloo_advantages(r, cfg.num_samples)                                  # A_k = r_k - mean_{j!=k} r_j

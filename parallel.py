@@ -1,19 +1,18 @@
-"""How a job spreads over N processes and GPUs: torchrun's ranks, DDP or FSDP2, and the collectives that keep the
-ranks in step.
+"""How a script runs on N processes and GPUs: torchrun's ranks, flag checks, DDP or FSDP2, and the collectives
+that keep the ranks in step.
 
-train.py and eval.py run the same code in one process or under `torchrun --nproc_per_node N`; everything that
-differs between the two lives here, so the training loop reads the same either way. The rules:
+train.py and eval.py run the same code in one process or under `torchrun --nproc_per_node N`; what differs lives
+here, so the training loop reads the same either way:
   - every rank drives one device: cuda:LOCAL_RANK under torchrun, --device in a single process;
   - a replica that fits is wrapped in DDP; one that does not is sharded with FSDP2 (`fully_shard` per block, fp32
-    master shards, bf16 compute through MixedPrecisionPolicy), decided by the memory plan (plan.py);
-  - a failure on one rank reaches every rank (first_error, on_rank0), so none waits forever in a collective;
-  - under torchrun a process ends without interpreter finalization (run_main).
+    master shards, bf16 compute through MixedPrecisionPolicy), as the memory plan (tools/plan.py) decides;
+  - a failure on one rank reaches every rank (first_error, on_rank0), so none waits forever in a collective.
 """
+import contextlib
 import os
 import resource
 import sys
 from datetime import timedelta
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -46,7 +45,7 @@ def check_flags(args, ranges):
     for flag, (ok, expected) in ranges.items():
         value = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if value is not None and not ok(value):
-            raise ValueError(f"{flag} {value}: expected {expected}")
+            raise ValueError(f"{flag} {value:g}: expected {expected}")
 
 
 POSITIVE = (lambda v: v >= 1, "a positive integer")
@@ -113,6 +112,13 @@ def first_error(message, world):
     messages = [None] * world
     dist.all_gather_object(messages, message)
     return next((m for m in messages if m), None)
+
+
+def peer_lost(error):
+    """Whether a collective failed because another rank died (kill -9, OOM): the survivor's gloo/NCCL error."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL error"))
 
 
 def all_ranks(ok, world, device):
@@ -186,16 +192,15 @@ def shard(model, mesh, mp_policy, reshard_root=None):
     return fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_root)
 
 
-def wrap_policy(policy, mesh, compute_dtype, world, device, ddp=True):
+def wrap_policy(policy, mesh, compute_dtype, world, device):
     """FSDP2 when `mesh` is given (compute in compute_dtype, gradients reduced in fp32), else DDP when world > 1.
     cast_forward_inputs=False: the blocks take the fp32 RoPE tables as arguments, and casting them to bf16 would
-    make the trained policy differ from the bf16 sampler that drew the rationales (which keeps them fp32).
-    ddp=False leaves a replicated policy unwrapped (the memory plan: DDP cannot run on fake tensors)."""
+    make the trained policy differ from the bf16 sampler that drew the rationales (which keeps them fp32)."""
     if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy
         return shard(policy, mesh, MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
                                                         cast_forward_inputs=False))
-    if world > 1 and ddp:
+    if world > 1:
         # gradient_as_bucket_view: gradients live in DDP's communication buckets instead of next to a copy of them
         return DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
                                        gradient_as_bucket_view=True)
@@ -216,42 +221,42 @@ def load_sharded(source, device, dtype, wrap):
     each rank allocates its own shards, then rank 0 reads the checkpoint on the CPU and broadcasts it one tensor at
     a time, every rank keeping its slice (an 8B policy in fp32 is 30 GiB per GPU if loaded whole)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    model, tokenizer, directory = build_on_meta(source)
+    model, _, directory = build_on_meta(source)
     model = wrap(model.to(dtype))
     model.to_empty(device=device)
     state = read_state(directory, model, "cpu", dtype) if dist.get_rank() == 0 else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     model.rope.reset(device)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
-class Models(NamedTuple):
-    policy: torch.nn.Module     # fp32 master weights, maybe DDP/FSDP2-wrapped: the one that is trained
-    sampler: torch.nn.Module    # generates and scores without grad: a compute-dtype copy, or the policy itself
-    reference: torch.nn.Module  # frozen pi_ref of the KL term, in the compute dtype; sharded like the policy
-    tokenizer: object
-
-
-def build_models(args, device, world, compute_dtype, sharded):
-    """The run's three models, replicated (DDP when world > 1) or sharded (FSDP2); loaded from --resume's
-    checkpoint if given (the reference always from --model)."""
-    source = args.resume or args.model
+def build_models(policy_source, reference_source, device, world, compute_dtype, sharded, checkpointing, build=None,
+                 mesh=None):
+    """-> (policy, sampler, reference). policy: fp32 master weights, DDP-wrapped when world > 1 or FSDP2-sharded;
+    sampler: a compute-dtype copy that generates and scores without grad (the policy itself in fp32 unsharded);
+    reference: the frozen pi_ref in the compute dtype, sharded like the policy. build(source, dtype, wrap) makes one
+    wrapped model: by default from its checkpoint (each rank loading only its shards when sharded); the memory plan
+    passes one that builds fake tensors (and its mesh, built outside fake mode)."""
+    mesh = mesh or (device_mesh(device.type, world) if sharded else None)
+    if build is None:
+        def build(source, dtype, wrap):
+            return load_sharded(source, device, dtype, wrap) if wrap is not None and sharded else \
+                (wrap or (lambda m: m))(load(source, device=device, dtype=dtype)[0])
     sampler = None
     if compute_dtype != torch.float32 or sharded:
-        sampler, _ = load(source, device=device, dtype=compute_dtype)
-        sampler.requires_grad_(False)
-    if sharded:
-        mesh = device_mesh(device.type, world)
-        policy, tokenizer = load_sharded(source, device, torch.float32,
-                                         lambda m: wrap_policy(m, mesh, compute_dtype, world, device))
-        reference, _ = load_sharded(args.model, device, compute_dtype, lambda m: wrap_reference(m, mesh))
-    else:
-        policy, tokenizer = load(source, device=device, dtype=torch.float32)
-        reference, _ = load(args.model, device=device, dtype=compute_dtype)
-        policy = wrap_policy(policy, None, compute_dtype, world, device)
-    reference.requires_grad_(False)
-    unwrap(policy).checkpoint_layers = checkpointing_on(args, sharded)
-    return Models(policy, sampler if sampler is not None else unwrap(policy), reference, tokenizer)
+        sampler = build(policy_source, compute_dtype, None).requires_grad_(False).eval()
+    policy = build(policy_source, torch.float32, lambda m: wrap_policy(m, mesh, compute_dtype, world, device))
+    reference = build(reference_source, compute_dtype, lambda m: wrap_reference(m, mesh)).requires_grad_(False)
+    unwrap(policy).checkpoint_layers = checkpointing
+    return policy, sampler if sampler is not None else unwrap(policy), reference.eval()
+
+
+def autocast(device, compute_dtype, sharded):
+    """The context a replica's forward and backward run in: bf16 autocast over fp32 master weights. FSDP2 casts
+    through its MixedPrecisionPolicy instead, and fp32 needs nothing."""
+    if sharded or compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype)
 
 
 def unwrap(model):

@@ -1,23 +1,26 @@
 """How a training run lives on disk: its run directory, checkpoints, resume state and metrics.
 
-A run directory (--out) holds config.json, metrics.jsonl (one line per step, plus a step-0 line holding the
-held-out accuracy before training), curves.png, eval/step-NNNNNN.jsonl (the held-out rationales, with
---eval-every) and checkpoint-NNNNNN/ directories. Each checkpoint is the model in Hugging Face layout (it loads in
-transformers and vLLM) plus what an exact resume needs: the AdamW moments (one file, or one per rank when sharded),
-every rank's random-number state and trainer_state.json (the step and every flag). It is separate from train.py
-because none of it is the algorithm; what it guarantees:
-  - one run per directory at a time (a lock file naming host and pid);
-  - nothing is deleted by accident: --overwrite moves the old run aside to a .bak directory;
+A run directory (--out) holds config.json, metrics.jsonl (one line per step, plus a step-0 line with the base
+model's validation accuracy), curves.png, eval/step-NNNNNN.jsonl (the evaluated rationales), best.json (the
+checkpoint of the best validation step), test.json and checkpoint-NNNNNN/ directories. A checkpoint is the model in
+Hugging Face layout (it loads in transformers and vLLM) plus what an exact resume needs: the AdamW moments (one
+file, or one per rank when sharded), every rank's random-number state and trainer_state.json (the step and every
+flag). What it guarantees:
+  - one run per directory at a time (a lock file naming host, pid and the process's start time);
+  - nothing is deleted by accident: --overwrite moves the whole old run aside to a .bak directory in one rename,
+    and a resume that would overwrite later checkpoints is refused;
   - a save is atomic: built in checkpoint-N.partial and renamed into place, so a kill or a full disk leaves no
     half checkpoint and never damages an earlier one;
-  - a resume continues the same run: every flag not given again is restored, and a flag that would change the
-    data order or the objective is refused unless --allow-recipe-change (which is recorded).
+  - a resume continues the same run: every flag not given again is restored; a flag or a training file that would
+    change the data order or the objective is refused unless --allow-recipe-change (recorded), and the base model
+    (the KL reference) must be the one the run started from, by a fingerprint of its weights.
 """
 import json
 import os
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +30,7 @@ from model import save
 from parallel import first_error, unwrap
 
 LOCK = ".lock"
+MOVING = ".moving"  # an --overwrite in progress
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 # Flags that decide which questions a step sees and what it optimises (--steps sets the learning-rate decay): a
 # resumed run keeps the recorded values, and changing one is an error unless --allow-recipe-change (the change is
@@ -36,11 +40,18 @@ RECIPE = ("dataset", "split", "limit", "method", "steps", "questions_per_step", 
           "top_k", "no_nonstop_penalty", "penalty_factor", "seed", "reward")
 # Flags that belong to one invocation, never restored from the checkpoint.
 PER_INVOCATION = ("resume", "out", "overwrite", "device", "explicit", "allow_recipe_change", "model", "plan", "nproc",
-                  "gpu_memory", "no_plan", "plan_prompt_tokens")
+                  "gpu_memory", "no_plan", "plan_prompt_tokens", "pins", "recipe_changes")
 
 
 class SaveFailed(RuntimeError):
     """A checkpoint could not be written (disk full, on any rank); its partial files are removed."""
+
+
+def one_line(e):
+    """An error as one line: an OSError as 'file: reason' (a full disk, a read-only directory), else its message."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename or 'a file'}: could not write ({e.strerror})"
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def dataset_id(name):
@@ -67,32 +78,44 @@ def checkpoint_list(run_dir):
     return ", ".join(found) if found else f"none in {run_dir}"
 
 
-def pid_alive(pid):
+def process_start(pid):
+    """When a process started (clock ticks since boot, /proc/PID/stat), or None: a pid reused after a container
+    restart has another start time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def lock_holder_alive(host, pid, start):
+    """Whether the process that wrote a lock of this host still runs (a reused pid does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return start is None or process_start(pid) in (None, start)
 
 
 def take_lock(out):
-    """An exclusive-create lock file holding host and pid. A lock left by a dead process of this host (kill -9) is
-    taken over with a note; a live one, or one from another host, is an error."""
+    """An exclusive-create lock file "host pid start-ticks started-at". A lock left by a process of this host that no
+    longer runs (kill -9, a container restart) is taken over with a note; a live one, or one from another host, is an
+    error that names it and says how to clear it."""
     path = os.path.join(out, LOCK)
-    me = f"{socket.gethostname()} {os.getpid()}"
+    me = f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid())} {time.strftime('%Y-%m-%dT%H:%M:%S')}"
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
                 text = open(path).read()
-                host, pid = text.split()
-                pid = int(pid)
+                host, pid, *rest = text.split()
+                pid, start = int(pid), int(rest[0]) if rest and rest[0].isdigit() else None
             except (OSError, ValueError):
-                text, host, pid = None, "?", 0
-            if host == socket.gethostname() and pid and not pid_alive(pid):
+                text, host, pid, start, rest = None, "?", 0, None, []
+            if host == socket.gethostname() and pid and not lock_holder_alive(host, pid, start):
                 # Move the stale lock aside (only one process can move a given file), then check that what moved is
                 # the stale lock and not the fresh one of a process that took it over a moment ago.
                 aside = f"{path}.stale-{os.getpid()}"
@@ -109,9 +132,9 @@ def take_lock(out):
                     print(f"note: {out}: taking over the lock of pid {pid}, which is no longer running", flush=True)
                 os.remove(aside)
                 continue
-            advice = "wait for it to finish or choose another --out" + (
-                "" if host == socket.gethostname() else f"; if no run uses it, delete {path}")
-            raise ValueError(f"--out {out}: in use by another run (pid {pid} on {host}, lock {path}); {advice}")
+            since = f", started {rest[1]}" if len(rest) > 1 else ""
+            raise ValueError(f"--out {out}: in use by another run (pid {pid} on {host}{since}; lock {path}); wait for "
+                             f"it or choose another --out; if no run uses it, delete {path}")
         os.write(fd, me.encode())
         os.close(fd)
         return path
@@ -120,7 +143,7 @@ def take_lock(out):
 
 def release_lock(path):
     try:
-        if open(path).read().split()[-1] == str(os.getpid()):
+        if open(path).read().split()[1] == str(os.getpid()):
             os.remove(path)
     except (OSError, IndexError):
         pass
@@ -147,19 +170,21 @@ def remove_partials(out):
 
 
 def holds_run(out):
-    return os.path.isfile(os.path.join(out, "metrics.jsonl")) or any(
-        CHECKPOINT.match(n.split(".")[0]) for n in os.listdir(out))
+    return any(n in ("metrics.jsonl", MOVING) or CHECKPOINT.match(n.split(".")[0]) for n in os.listdir(out))
 
 
 def move_run_aside(out):
-    """--overwrite: the whole old run (metrics, config, every checkpoint) moves to the first free {out}.bak[N]."""
+    """--overwrite: the whole old run moves to the first free {out}.bak[N] in one rename, by way of {out}/.moving (a
+    kill part-way leaves it there, and the next start finishes the move), so the old run is never split."""
+    moving = os.path.join(out, MOVING)
+    os.makedirs(moving, exist_ok=True)
+    for name in os.listdir(out):
+        if name not in (LOCK, MOVING):
+            os.replace(os.path.join(out, name), os.path.join(moving, name))
     backup, n = out.rstrip("/") + ".bak", 1
     while os.path.exists(backup):
         backup, n = f"{out.rstrip('/')}.bak{n}", n + 1
-    os.makedirs(backup)
-    for name in os.listdir(out):
-        if name != LOCK:
-            os.replace(os.path.join(out, name), os.path.join(backup, name))
+    os.replace(moving, backup)
     print(f"--overwrite: moved the previous run in {out} to {backup}", flush=True)
 
 
@@ -177,7 +202,13 @@ def prepare_run_dir(args, start):
     lock = take_lock(out)
     try:
         remove_partials(out)
+        if os.path.isdir(os.path.join(out, MOVING)):  # an --overwrite was killed part-way: finish it first
+            move_run_aside(out)
         own = args.resume and os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(out)
+        later = [c for c in checkpoints(out) if step_of(c) > start] if own else []
+        if later:
+            raise ValueError(f"--resume {args.resume}: the run has later checkpoints ({', '.join(later)}), which "
+                             "continuing here would overwrite; to branch from this step, pass --out NEW_DIR")
         if not own and holds_run(out):
             what = "another run" if args.resume else "a run"
             if not args.overwrite:
@@ -199,12 +230,43 @@ def prepare_run_dir(args, start):
 
 def prune_checkpoints(out, keep, newest):
     """--keep-last: delete the oldest complete checkpoints up to `newest` (the one just written, never deleted)
-    until `keep` remain; checkpoints of later steps (left by a run this one resumed from an earlier step) stay."""
-    step = int(CHECKPOINT.search(newest).group(1))
-    older = [c for c in checkpoints(out) if int(CHECKPOINT.search(c).group(1)) < step]
+    until `keep` remain; the best one (best.json) and checkpoints of later steps stay."""
+    best = read_best(out)
+    older = [c for c in checkpoints(out) if step_of(c) < step_of(newest) and
+             not (best and os.path.samefile(c, best["checkpoint"]))]
     for path in older[:max(0, len(older) - (keep - 1))]:
         os.replace(path, path + ".partial")  # a kill mid-delete leaves a .partial, removed at the next start
         shutil.rmtree(path + ".partial")
+
+
+def step_of(checkpoint):
+    return int(CHECKPOINT.search(checkpoint.rstrip("/")).group(1))
+
+
+def mark_best(out, checkpoint, m):
+    """best.json names the checkpoint of the best evaluation so far (written atomically; --keep-last keeps it)."""
+    data.write_json(os.path.join(out, "best.json"), {"checkpoint": os.path.abspath(checkpoint), "step": m["step"],
+                                                     "eval_accuracy": m["eval_accuracy"], "split": m["eval_split"],
+                                                     "questions": m["eval_questions"]})
+
+
+def read_best(out):
+    """best.json as a dict, or None when there is none (or its checkpoint is gone)."""
+    try:
+        best = json.load(open(os.path.join(out, "best.json")))
+    except (OSError, ValueError):
+        return None
+    return best if os.path.isfile(os.path.join(best.get("checkpoint", ""), "trainer_state.json")) else None
+
+
+def best_so_far(out):
+    """(step, accuracy) of the best evaluation up to where this run starts, from its (truncated) metrics.jsonl, among
+    steps whose checkpoint exists: how a resumed run goes on choosing. None if there is none."""
+    path = os.path.join(out, "metrics.jsonl")
+    rows = read_metrics(path) if os.path.isfile(path) else []
+    found = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("step", 0) >= 1 and "eval_accuracy" in r and
+             os.path.isdir(os.path.join(out, f"checkpoint-{r['step']:06d}"))]
+    return max(found, key=lambda f: (f[1], -f[0])) if found else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,6 +357,43 @@ def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharde
 # Resuming: the flags, then (once the models exist) the optimizer state and the random-number state
 
 
+def fingerprint(directory):
+    """A fingerprint of a model's weights without reading them all: each safetensors file's name, size and header
+    (names, dtypes, shapes, offsets), and 64 blocks of 4 KiB spread over its data, hashed. Equal for a copy of
+    the model; different for another model, even one of the same shape."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in sorted(p for p in os.listdir(directory) if p.endswith(".safetensors")):
+        full = os.path.join(directory, path)
+        size = os.path.getsize(full)
+        h.update(f"{path} {size}".encode())
+        with open(full, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(n, 100_000_000)))
+            for i in range(64):
+                f.seek(8 + n + (size - 8 - n) * i // 64)
+                h.update(f.read(4096))
+    return h.hexdigest()[:16]
+
+
+def check_pins(args, state, pins):
+    """A resume must train the same base model (the KL reference) on the same data: the base model's fingerprint
+    must match the run's (wherever it now lives), and a changed training set is refused unless
+    --allow-recipe-change (then recorded)."""
+    saved = (state.get("args") or {}).get("pins") or {}
+    if saved.get("base_fingerprint") and saved["base_fingerprint"] != pins["base_fingerprint"]:
+        raise ValueError(f"--model {args.model}: its weights are not the run's base model (fingerprint "
+                         f"{pins['base_fingerprint']}, the run's {saved['base_fingerprint']}, from "
+                         f"{saved.get('base_model_path')}); the KL reference must be the model the run started from")
+    if saved.get("dataset_sha256") and saved["dataset_sha256"] != pins["dataset_sha256"]:
+        if not args.allow_recipe_change:
+            raise ValueError(f"--dataset {args.dataset}: its questions changed since the run started (content hash "
+                             f"{pins['dataset_sha256']}, the run's {saved['dataset_sha256']}), so later steps would "
+                             "see other questions; restore the file, or pass --allow-recipe-change")
+        args.recipe_changes.append({"step": state["step"], "flag": "dataset content", "from": saved["dataset_sha256"],
+                                    "to": pins["dataset_sha256"]})
+
+
 def read_resume_state(args):
     """trainer_state.json of --resume, or an error that says what was expected and lists the checkpoints there."""
     path = os.path.join(args.resume, "trainer_state.json")
@@ -311,9 +410,9 @@ def read_resume_state(args):
         state["step"], state["base_model"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a trainer state written by train.py ({e})") from None
-    if args.model is not None and args.model != state["base_model"]:
-        raise ValueError(f"{args.resume}: checkpoint was trained from --model {state['base_model']!r}, "
-                         f"not {args.model!r}")
+    if args.model is None:  # the run's base model: where it was resolved to, if it is still there, else as named
+        path = ((state.get("args") or {}).get("pins") or {}).get("base_model_path")
+        args.model = path if path and os.path.isdir(path) else state["base_model"]
     return state
 
 
@@ -416,8 +515,7 @@ def load_training_state(checkpoint, state, policy, optimizer, sharded, rank, wor
 
 
 def append_metrics(path, m):
-    with open(path, "a") as f:
-        f.write(json.dumps(m) + "\n")
+    data.append_lines(path, [json.dumps(m)])
 
 
 def read_metrics(path, last_step=None):

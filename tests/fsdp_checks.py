@@ -13,7 +13,6 @@ CHECK is one of
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -30,8 +29,8 @@ SMALL = dict(model_type="llama", vocab_size=1000, hidden_size=128, intermediate_
 
 
 def models(model_dir, dtype):
-    args = SimpleNamespace(resume=None, model=model_dir, activation_checkpointing="auto", fsdp="on")
-    return parallel.build_models(args, torch.device("cpu"), dist.get_world_size(), dtype, sharded=True)
+    return parallel.build_models(model_dir, model_dir, torch.device("cpu"), dist.get_world_size(), dtype,
+                                 sharded=True, checkpointing=True)
 
 
 def batch(vocab, rows=4, T=24, seed=0):
@@ -59,7 +58,7 @@ def check_grads(model_dir):
 
 @torch.no_grad()
 def check_policy(model_dir):
-    policy, sampler, reference, _ = models(model_dir, torch.bfloat16)
+    policy, sampler, reference = models(model_dir, torch.bfloat16)
     tokens, p, r, a = batch(sampler.args.vocab_size)
     for mode in ("eval", "train"):  # train: with activation checkpointing (off under no_grad) and FSDP's hooks
         getattr(policy, mode)()

@@ -185,13 +185,13 @@ def test_rollout_and_gradient_match_brute_force(tmp_path, style):
 
 
 def test_exact_reward_advantages_hand_worked(tiny_llama_dir):
-    """reward="exact" (the verifiable-reward ablation): R = 1 when the stated answer is right, else 0, stopped or
+    """reward_kind="exact" (the verifiable-reward ablation): R = 1 when the stated answer is right, else 0, stopped or
     not (no non-stop penalty: with R in {0, 1}, gamma * mean(R) would pay rationales for not stopping), then the
     same KL adjustment and RLOO as LaTRO."""
     policy, tok = load(tiny_llama_dir)
     reference = perturbed_copy(policy)
     prompts = make_prompts(tok, ["What is 3 + 4?"])
-    cfg = LatroConfig(num_samples=4, max_rationale_tokens=6, reward="exact", beta=0.0)
+    cfg = LatroConfig(num_samples=4, max_rationale_tokens=6, reward_kind="exact", beta=0.0)
     ro = latro.sample(policy, tok, prompts, ["The answer is 7."], cfg, seeds=[3])
     ro.stopped = torch.tensor([True, True, False, False])
     correct = torch.tensor([True, False, True, False])  # row 2 is right though it never stopped: R = 1, no penalty

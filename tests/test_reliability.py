@@ -44,10 +44,10 @@ def gsm6(tmp_path_factory):
 
 def train(args, nproc=1, check=True, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **kw.pop("env", {})}
-    cmd = [sys.executable, "train.py", *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py",
-         *args]
-    p = run_command(cmd, cwd=REPO_ROOT, env=env, timeout=300, **kw)
+    script = os.path.join(REPO_ROOT, "train.py")
+    cmd = [sys.executable, script, *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script, *args]
+    p = run_command(cmd, env=env, timeout=300, **{"cwd": REPO_ROOT, **kw})
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -426,3 +426,174 @@ def test_step_progress_prints_plain_lines_to_a_file_and_rewrites_one_line_on_a_t
     p.close()
     assert term.getvalue().startswith("\rstep 3 | sample 8/8") and term.getvalue().endswith("\r")
     assert "\n" not in term.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Round 2 (issue 18): nothing lost, nothing silently wrong, one clear line
+
+def test_resume_of_an_earlier_checkpoint_never_overwrites_later_ones(straight, tmp_path, capsys):
+    before = snapshot(straight)
+    main_error(["--resume", os.path.join(straight, "checkpoint-000002"), "--lr", "5e-5", "--allow-recipe-change"],
+               capsys, "the run has later checkpoints", "checkpoint-000004", "--out NEW_DIR")
+    assert snapshot(straight) == before
+    branch = str(tmp_path / "branch")  # a branch goes into a new --out, with the run's metrics up to its step
+    train(["--resume", os.path.join(straight, "checkpoint-000002"), "--out", branch, "--steps", "3",
+           "--allow-recipe-change"])
+    assert steps_of(branch) == [1, 2, 3] and snapshot(straight) == before
+
+
+def test_the_base_model_is_pinned_by_its_weights_and_may_move(tmp_path, gsm6, model_451, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(model_451, base)
+    out = str(tmp_path / "run")
+    train(["--model", "base", "--dataset", gsm6, "--out", out, "--steps", "1", *TINY], cwd=tmp_path)  # relative
+    ckpt = copy_checkpoint(out, 1, str(tmp_path / "r"))
+    moved = tmp_path / "moved"
+    os.rename(base, moved)                     # the base model moved: pass its new place, same weights
+    p = train(["--resume", ckpt, "--model", str(moved), "--steps", "2", "--allow-recipe-change"])
+    assert "steps 1->2" in p.stdout
+    other = make_tiny_model(tmp_path / "other", tie_word_embeddings=True, vocab_size=451, seed=7)  # same shape
+    shutil.rmtree(moved)
+    shutil.copytree(other, moved)              # replaced at the same path: not the KL reference the run had
+    before = snapshot(str(tmp_path / "r"))
+    main_error(["--resume", os.path.join(str(tmp_path / "r"), "checkpoint-000002"), "--model", str(moved),
+                "--steps", "3", "--allow-recipe-change"], capsys, "its weights are not the run's base model")
+    assert snapshot(str(tmp_path / "r")) == before
+
+
+def test_a_changed_training_file_is_refused_on_resume_unless_allowed(tmp_path, gsm6, capsys, model_451):
+    data = tmp_path / "six.jsonl"
+    shutil.copy(gsm6, data)
+    out = str(tmp_path / "run")
+    train(["--model", model_451, "--dataset", str(data), "--out", out, "--steps", "2", "--save-every", "1", *TINY])
+    ckpt = copy_checkpoint(out, 1, str(tmp_path / "r"))
+    with open(data, "a") as f:
+        f.write(json.dumps({"question": "One more?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    main_error(["--resume", ckpt], capsys, "its questions changed since the run started", "--allow-recipe-change")
+    train(["--resume", ckpt, "--allow-recipe-change"])
+    state = json.load(open(os.path.join(str(tmp_path / "r"), "checkpoint-000002", "trainer_state.json")))
+    assert {"step": 1, "flag": "dataset content"}.items() <= state["args"]["recipe_changes"][-1].items()
+
+
+def test_training_past_the_context_is_refused_before_any_weight_loads(tmp_path, gsm6, capsys):
+    small = make_tiny_model(tmp_path / "ctx64", max_position_embeddings=64)
+    os.remove(os.path.join(small, "model.safetensors"))  # refused before the weights are read
+    out = tmp_path / "o"
+    main_error(["--model", small, "--dataset", gsm6, "--out", str(out), "--max-rationale-tokens", "200"], capsys,
+               "--max-rationale-tokens", "exceeds the model's context of 64")
+    assert not out.exists()
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"question": "Count: " + "one two three " * 40, "answer": "3\n#### 3"}) + "\n")
+    main_error(["--model", small, "--dataset", str(long), "--out", str(out), "--max-rationale-tokens", "4"], capsys,
+               "question long-0", "the prompt alone does not fit")
+
+
+@pytest.mark.parametrize("flag,value", [("--beta", "-1"), ("--top-p", "0"), ("--top-p", "2"), ("--top-k", "-1"),
+                                        ("--warmup-steps", "-1"), ("--save-every", "-1"), ("--eval-every", "-1"),
+                                        ("--penalty-factor", "-1"), ("--answer-weight", "-1"), ("--eval-limit", "0"),
+                                        ("--keep-last", "-2"), ("--test-limit", "-1")])
+def test_every_numeric_flag_is_checked_before_anything_loads(tmp_path, gsm6, flag, value, capsys):
+    out = tmp_path / "o"
+    main_error(["--model", str(tmp_path / "no-model"), "--dataset", gsm6, "--out", str(out), flag, value], capsys,
+               f"{flag} {value}: expected")
+    assert not out.exists()
+
+
+def test_a_full_disk_while_logging_is_one_line_and_leaves_no_torn_record(tmp_path, model_451, gsm6, monkeypatch,
+                                                                         capsys):
+    import errno
+    import data
+    path = tmp_path / "log.jsonl"
+    data.append_lines(path, ['{"step": 1}'])
+    real_write = os.write
+
+    def half_then_full(fd, body):  # the disk fills part-way through the record
+        real_write(fd, bytes(body[:5]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError):
+        data.append_lines(path, ['{"step": 2, "loss": 0.5}'])
+    monkeypatch.undo()
+    assert path.read_text() == '{"step": 1}\n'  # cut back: no torn line
+
+    import rundir
+    out = str(tmp_path / "run")
+    calls = []
+
+    def full_at_step_2(p, m):
+        calls.append(m["step"])
+        if m["step"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", p)
+        data.append_lines(p, [json.dumps(m)])
+    monkeypatch.setattr(rundir, "append_metrics", full_at_step_2)
+    err = main_error(["--model", model_451, "--dataset", gsm6, "--out", out, "--steps", "3", "--save-every", "1",
+                      *TINY], capsys, "metrics.jsonl: could not write (No space left on device)", rc=1)
+    assert "continue with: python train.py --resume" in err and err.endswith("checkpoint-000001")
+    monkeypatch.undo()
+    p = train(["--resume", os.path.join(out, "checkpoint-000001")])  # the rerun resumes cleanly
+    assert steps_of(out) == [1, 2, 3]
+
+
+def test_sigterm_is_one_line_with_the_resume_command_and_releases_the_lock(tmp_path, model_451, gsm6):
+    out = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    a = subprocess.Popen([sys.executable, "train.py", "--model", model_451, "--dataset", gsm6, "--out", out,
+                          "--steps", "500", "--save-every", "1", *TINY], cwd=REPO_ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.isdir(os.path.join(out, "checkpoint-000001")) and time.time() < deadline:
+        time.sleep(0.05)
+    a.send_signal(signal.SIGTERM)
+    stdout, stderr = a.communicate(timeout=60)
+    one_line_error(subprocess.CompletedProcess(a.args, a.returncode, stdout, stderr), "terminated (SIGTERM) during",
+                   "continue with: python train.py --resume", rc=143)
+    assert not os.path.exists(os.path.join(out, ".lock"))
+
+
+def test_a_lost_peer_is_one_line_from_the_survivor(tmp_path, model_451, gsm6):
+    """kill -9 of rank 1 under torchrun: rank 0's collective fails, and it says so in one line with the command that
+    resumes, and releases the lock (torchrun then prints its own report of the dead rank)."""
+    out = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train.py", "--model", model_451, "--dataset", gsm6, "--out", out, "--steps", "500",
+                          "--save-every", "1", *TINY], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while not os.path.isdir(os.path.join(out, "checkpoint-000001")) and time.time() < deadline:
+        time.sleep(0.05)
+    ranks = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(sorted(ranks, key=int)[-1]), signal.SIGKILL)
+    _, stderr = p.communicate(timeout=120)
+    ours = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "a peer process was lost during step" in ours[0], stderr[-3000:]
+    assert "continue with: torchrun --nproc_per_node 2 train.py --resume" in ours[0]
+    assert not os.path.exists(os.path.join(out, ".lock"))
+
+
+def test_a_lock_of_a_reused_pid_is_stale_and_a_live_one_says_how_to_clear_it(tmp_path, model_451, gsm6, capsys):
+    import rundir
+    out = tmp_path / "run"
+    out.mkdir()
+    # this test's own pid is alive, but the lock says it started at another time: a pid reused after a restart
+    (out / ".lock").write_text(f"{socket.gethostname()} {os.getpid()} 1 2020-01-01T00:00:00")
+    p = train(["--model", model_451, "--dataset", gsm6, "--out", str(out), "--steps", "1", "--no-save", *TINY])
+    assert f"taking over the lock of pid {os.getpid()}" in p.stdout
+    start = rundir.process_start(os.getpid())
+    (out / ".lock").write_text(f"{socket.gethostname()} {os.getpid()} {start} 2026-12-01T10:00:00")
+    main_error(["--model", model_451, "--dataset", gsm6, "--out", str(out), "--steps", "1", "--overwrite", *TINY],
+               capsys, f"pid {os.getpid()} on {socket.gethostname()}, started 2026-12-01T10:00:00",
+               f"if no run uses it, delete {out / '.lock'}")
+
+
+def test_an_interrupted_overwrite_is_finished_and_never_splits_the_old_run(tmp_path, model_451, gsm6):
+    out = str(tmp_path / "run")
+    train(["--model", model_451, "--dataset", gsm6, "--out", out, "--steps", "2", "--save-every", "1", *TINY])
+    before = snapshot(out)
+    os.makedirs(os.path.join(out, ".moving"))  # killed after moving two of the old run's files
+    for name in ("metrics.jsonl", "checkpoint-000001"):
+        os.replace(os.path.join(out, name), os.path.join(out, ".moving", name))
+    p = train(["--model", model_451, "--dataset", gsm6, "--out", out, "--steps", "1", "--overwrite", *TINY])
+    assert f"moved the previous run in {out} to {out}.bak" in p.stdout
+    assert snapshot(out + ".bak") == before and not os.path.exists(out + ".bak1")
+    assert steps_of(out) == [1]

@@ -144,31 +144,87 @@ def test_sft_baseline_lowers_its_loss(tmp_path, tiny_llama_dir, gsm_file):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
-def test_held_out_accuracy_before_and_after_is_eval_py_on_those_weights(tmp_path, tiny_llama_dir, gsm_file):
-    """--eval-every evaluates before the first step, every N steps and after the last, with eval.py's code on the
-    current weights: its rationales and accuracy equal eval.py's on the initial model and on the final checkpoint
-    (a stale sampling copy or an evaluation before the optimizer step would give other rationales)."""
+HELD_OUT = [("Mia has 6 cups and breaks 2. How many cups are left?", "6 - 2 = 4", "4"),
+            ("A pack has 5 pens. How many pens are in 3 packs?", "5 * 3 = 15", "15"),
+            ("Leo walks 2 km then 7 km. How far does he walk?", "2 + 7 = 9", "9"),
+            ("There are 20 seats and 8 are taken. How many are free?", "20 - 8 = 12", "12"),
+            ("Each box holds 4 cakes. How many cakes fit in 6 boxes?", "4 * 6 = 24", "24")]
+
+
+@pytest.fixture(scope="module")
+def held_out_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": f"{r}\n#### {a}"}) + "\n" for q, r, a in HELD_OUT))
+    return str(path)
+
+
+def test_validation_accuracy_is_eval_py_on_those_weights_and_the_best_checkpoint_is_kept(
+        tmp_path, tiny_llama_dir, gsm_file, held_out_file):
+    """--eval-every evaluates disjoint questions before the first step, every N steps and after the last, with
+    eval.py's code on the current weights: its rationales and accuracy equal eval.py's on the initial model and on
+    the saved checkpoints (a stale sampling copy or an evaluation before the optimizer step would differ). best.json
+    names the argmax step (the earliest on ties), whose checkpoint --keep-last 1 does not delete."""
     out = str(tmp_path / "evaluated")
     p = run(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", out, *SMALL, "--eval-every", "1",
-             "--eval-limit", "5", "--eval-max-new-tokens", "12"])  # the last --eval-every counts
+             "--eval-dataset", held_out_file, "--eval-limit", "5", "--eval-max-new-tokens", "12", "--keep-last", "1",
+             "--steps", "3"])
     assert [line.split(" | ")[1] for line in p.stdout.splitlines() if line.startswith("eval | ")] == \
-        ["step 0", "step 1", "step 2"]
-    assert "before training -> " in p.stdout and "after 2 steps (5 " in p.stdout
+        ["step 0", "step 1", "step 2", "step 3"]
+    assert "held_out accuracy" in p.stdout and "held-out" not in p.stdout
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == [0, 1, 2] and all("eval_accuracy" in r for r in rows)
-    for model, row in ((tiny_llama_dir, rows[0]), (os.path.join(out, "checkpoint-000002"), rows[2])):
-        result = str(tmp_path / f"eval-{row['step']}.jsonl")
-        e = run_command([sys.executable, "eval.py", "--model", model, "--dataset", gsm_file, "--limit", "5",
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all("eval_accuracy" in r for r in rows)
+    accuracy = {r["step"]: r["eval_accuracy"] for r in rows}
+    best_step = max((1, 2, 3), key=lambda s: (accuracy[s], -s))
+    best = json.load(open(os.path.join(out, "best.json")))
+    assert best["step"] == best_step and best["checkpoint"].endswith(f"checkpoint-{best_step:06d}")
+    kept = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert kept == sorted({f"checkpoint-{best_step:06d}", "checkpoint-000003"})  # --keep-last 1, plus the best
+    assert f"best {best['checkpoint']} (step {best_step}" in p.stdout
+    for model, step in ((tiny_llama_dir, 0), (os.path.join(out, "checkpoint-000003"), 3)):
+        result = str(tmp_path / f"eval-{step}.jsonl")
+        e = run_command([sys.executable, "eval.py", "--model", model, "--dataset", held_out_file, "--limit", "5",
                          "--max-new-tokens", "12", "--dtype", "float32", "--out", result], cwd=REPO_ROOT,
                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
         assert e.returncode == 0, e.stderr[-3000:]
         summary = json.load(open(result.replace(".jsonl", ".summary.json")))
-        assert row["eval_accuracy"] == summary["accuracy"]
-        assert row["eval_tokens"] == summary["generated_tokens"] / summary["n"]
-        logged = [json.loads(line) for line in open(os.path.join(out, "eval", f"step-{row['step']:06d}.jsonl"))]
+        assert accuracy[step] == summary["accuracy"]
+        assert rows[step]["eval_tokens"] == summary["generated_tokens"] / summary["n"]
+        logged = [json.loads(line) for line in open(os.path.join(out, "eval", f"step-{step:06d}.jsonl"))]
         assert [r["rationale"] for r in logged] == [json.loads(line)["rationale"] for line in open(result)]
-    first, last = (open(os.path.join(out, "eval", f"step-00000{s}.jsonl")).read() for s in (0, 2))
+    first, last = (open(os.path.join(out, "eval", f"step-00000{s}.jsonl")).read() for s in (0, 3))
     assert first != last  # training changed the greedy rationales
+
+
+def test_best_step_is_the_argmax_of_validation_accuracy_earliest_on_ties():
+    import train
+    run = train.Run(best=None)
+    picked = [s for s, acc in [(1, 0.2), (2, 0.4), (3, 0.4), (4, 0.1), (5, 0.5), (6, 0.5)]
+              if train.new_best(run, {"step": s, "eval_accuracy": acc})]
+    assert picked == [1, 2, 5] and run.best == (5, 0.5)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--eval-every", "2"], "is one file, with no held-out split; pass --eval-dataset"),        # a file: no split
+    (["--eval-every", "2", "--eval-dataset", "TRAIN"], "8 of the 8 evaluation questions are also training"),
+    (["--eval-every", "2", "--dataset", "arith", "--eval-split", "x"], "--eval-split x: arith has the splits"),
+])
+def test_held_out_accuracy_needs_data_disjoint_from_training(tmp_path, tiny_llama_dir, gsm_file, flags, message):
+    flags = [gsm_file if f == "TRAIN" else f for f in flags]
+    base = ["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", str(tmp_path / "o"), "--steps", "1", *flags]
+    p = run(base, check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
+    assert not os.path.exists(tmp_path / "o" / "metrics.jsonl")
+
+
+def test_in_loop_evaluation_reads_test_only_when_asked():
+    import train
+    args = train.fill_defaults(train.parse_args(["--eval-split", "test", "--eval-every", "5"]))
+    train.check_args(args, world=1)          # asked for explicitly: allowed
+    args.explicit.remove("eval_split")       # e.g. restored from an old run's checkpoint, not asked for now
+    with pytest.raises(ValueError, match="reads test only when asked"):
+        train.check_args(args, world=1)
+    assert train.fill_defaults(train.parse_args([])).eval_split == "validation"
 
 
 def test_exact_reward_run_records_its_objective(tmp_path, tiny_llama_dir, gsm_file):
@@ -179,7 +235,7 @@ def test_exact_reward_run_records_its_objective(tmp_path, tiny_llama_dir, gsm_fi
     run(["--model", tiny_llama_dir, "--dataset", gsm_file, "--out", out, "--reward", "exact", "--compile",
          "--no-save", *SMALL[:-2]])  # without SMALL's --answer-weight: exact's own default
     recorded = json.load(open(os.path.join(out, "config.json")))
-    assert recorded["latro"]["reward"] == "exact" and recorded["latro"]["answer_weight"] == 0.0
+    assert recorded["latro"]["reward_kind"] == "exact" and recorded["latro"]["answer_weight"] == 0.0
     assert recorded["latro"]["stop_strings"] and recorded["latro"]["compiled"] is True
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert len(rows) == 2
@@ -227,7 +283,8 @@ def test_resume_from_a_different_model_is_refused(single_run, tmp_path, gsm_file
     other = make_tiny_model(tmp_path / "other", seed=9)
     p = run(["--resume", os.path.join(single_run[0], "checkpoint-000001"), "--model", other, "--dataset", gsm_file],
             check=False)
-    assert p.returncode == 2 and "was trained from --model" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert p.returncode == 2 and "its weights are not the run's base model" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 def test_non_finite_losses_skip_steps_then_abort(monkeypatch, tmp_path, tiny_llama_dir, gsm_file, capsys):

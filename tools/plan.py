@@ -106,8 +106,8 @@ def model_config(name_or_path):
             raise ValueError(f"model {name_or_path!r}: could not fetch its config.json for the plan ({reason})") \
                 from None
     with open(path) as f:
-        cfg = json.load(f)
-    return cfg, next((a for a, c in CONFIGS.items() if same_architecture(cfg, c)), None)
+        hf_config = json.load(f)
+    return hf_config, next((a for a, c in CONFIGS.items() if same_architecture(hf_config, c)), None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -170,17 +170,16 @@ def peak_rows(tracker):
 # --------------------------------------------------------------------------------------------------------------
 # The simulation
 
-def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step, max_rationale_tokens,
+def simulate(hf_config, world, sharded, compute_dtype, num_samples, questions_per_step, max_rationale_tokens,
              micro_batch_size, checkpointing, temperature=1.0, prompt_tokens=PROMPT_TOKENS,
              answer_tokens=ANSWER_TOKENS, fake=True):
     """Peak bytes per rank by category for the training, sampling and scoring phases of one step.
 
-    cfg: a config.json dict. fake=True: fake tensors on the fake process group (world ranks, this is rank 0).
+    hf_config: a config.json dict. fake=True: fake tensors on the fake process group (world ranks, this is rank 0).
     fake=False: real tensors on the current process group (a real run of the same steps, e.g. 2 gloo ranks, to
     check the simulation against). -> {"train": rows, "sample": rows, "score": rows (each {row: bytes}),
     "step": the optimizer step's peak in bytes, "seconds": wall time}"""
     import latro
-    import parallel
     from model import ModelArgs
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -194,26 +193,20 @@ def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step
     try:
         # the mesh is built outside fake mode: its setup reads real values
         mesh = parallel.device_mesh("cpu", world) if sharded else None
-        args = ModelArgs.from_hf_config(cfg)
+        args = ModelArgs.from_hf_config(hf_config)
         mode = FakeTensorMode() if fake else nullcontext()
         with mode:
             torch.manual_seed(0)
-            policy = _build(args, cfg, torch.float32)                           # fp32 master weights
-            reference = _build(args, cfg, compute_dtype).requires_grad_(False)
-            sampler = policy
-            if compute_dtype != torch.float32 or sharded:
-                sampler = _build(args, cfg, compute_dtype).requires_grad_(False).eval()
-            policy.checkpoint_layers = checkpointing
-            policy = parallel.wrap_policy(policy, mesh, compute_dtype, world, torch.device("cpu"), ddp=False)
-            reference = parallel.wrap_reference(reference, mesh).eval()
+            # train.py's own model building; DDP cannot run on fake tensors, so a replica is its one-process model
+            policy, sampler, reference = parallel.build_models(
+                None, None, torch.device("cpu"), world if sharded else 1, compute_dtype, sharded, checkpointing,
+                build=lambda _, dtype, wrap: (wrap or (lambda m: m))(_build(args, hf_config, dtype)), mesh=mesh)
             optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, foreach=False)
-            cfg_l = latro.LatroConfig(num_samples=num_samples, max_rationale_tokens=max_rationale_tokens,
-                                      micro_batch_size=micro_batch_size, temperature=temperature)
-            # a replica computes in bf16 through autocast (train.py), FSDP2 through its mixed-precision policy
-            autocast = torch.autocast("cpu", dtype=compute_dtype) if not sharded and \
-                compute_dtype != torch.float32 else nullcontext()
+            cfg = latro.LatroConfig(num_samples=num_samples, max_rationale_tokens=max_rationale_tokens,
+                                    micro_batch_size=micro_batch_size, temperature=temperature)
+            autocast = parallel.autocast(torch.device("cpu"), compute_dtype, sharded)
             with autocast:
-                train_rows = _train_phase(policy, optimizer, sharded, cfg_l, prompt_tokens, answer_tokens,
+                train_rows = _train_phase(policy, optimizer, sharded, cfg, prompt_tokens, answer_tokens,
                                           FSDPMemTracker if sharded else MemTracker)
             frozen = {"reference": tensor_bytes(reference),
                       "sampler copy": tensor_bytes(sampler) if sampler is not policy else 0}
@@ -224,7 +217,7 @@ def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step
             step_peak = (3 if sharded else 2) * tensor_bytes(policy) + tensor_bytes(optimizer) + \
                 train_rows["reference"] + train_rows["sampler copy"]
             sample_rows, score_rows = _sample_phases(policy, optimizer, sampler, reference,
-                                                     questions_per_step // world, cfg_l, prompt_tokens,
+                                                     questions_per_step // world, cfg, prompt_tokens,
                                                      answer_tokens, MemTracker)
             sample_rows.update(frozen)
             score_rows.update(frozen)
@@ -235,25 +228,25 @@ def simulate(cfg, world, sharded, compute_dtype, num_samples, questions_per_step
             "seconds": time.time() - t0}
 
 
-def replica_lower_bound(cfg, compute_dtype):
+def replica_lower_bound(hf_config, compute_dtype):
     """Bytes a replicated run holds before any activation: fp32 weights, gradients and AdamW's two moments (16 B per
     parameter), plus the reference and the sampling copy in the compute dtype. A replica over the limit on this
     alone needs no simulation."""
     from model import ModelArgs
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
-        n = sum(p.numel() for p in _build(ModelArgs.from_hf_config(cfg), cfg, torch.float32).parameters())
+        n = sum(p.numel() for p in _build(ModelArgs.from_hf_config(hf_config), hf_config, torch.float32).parameters())
     low = compute_dtype.itemsize
     return 16 * n + (2 * low * n if compute_dtype != torch.float32 else low * n)
 
 
-def _build(args, cfg, dtype):
+def _build(args, hf_config, dtype):
     """A Transformer created in `dtype` (fake tensors cannot be converted in place by .to())."""
     from model import Transformer
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        return Transformer(args, cfg)
+        return Transformer(args, hf_config)
     finally:
         torch.set_default_dtype(default)
 
