@@ -1,27 +1,18 @@
-"""Zero-shot evaluation on GSM8K and ARC-Challenge with the LaTRO paper's protocol.
+"""Zero-shot evaluation on GSM8K and ARC-Challenge with the LaTRO paper's protocol (§5 and the official
+scripts/evaluation.py): the question in the model's chat template with the chain-of-thought trigger (data.py), greedy
+decoding of up to 500 new tokens, and the answer extracted from the model's own "The answer is ..."; optionally K
+sampled rationales per question for maj@K (the paper's "maj@8" at T = 1) and pass@K, which the official repo lacks.
+`official_correct` reimplements the official answer rule, reported next to ours. Our prompts have one BOS; the
+official script's Llama 3.1 prompts have two (the template's <|begin_of_text|> and the tokenizer's own).
 
-The protocol (paper §5 and the official scripts/evaluation.py):
-  - the question in the model's chat template, with the chain-of-thought trigger (data.py);
-  - greedy decoding, up to 500 new tokens, stopping at the model's end-of-turn token;
-  - the model writes its own "The answer is ..."; we extract the answer from the text and compare it with the gold.
-Optionally, K sampled rationales per question give self-consistency: maj@K (majority vote over the K extracted
-answers, the paper's "maj@8" at T = 1) and pass@K (any of the K is right). The official repo has no code for these.
-
-Our answer extraction departs from the official eval_utils.py; `official_correct` lists how, and reimplements the
-official rule, so both accuracies are reported. The prompts depart too: the official script tokenizes Llama 3.1's
-rendered chat template, which starts with <|begin_of_text|>, with the tokenizer's own BOS on top, so its prompts
-start with two BOS tokens. model.Tokenizer never adds a BOS in front of one the template wrote: ours have one.
-
-Usage:
     python eval.py --model smollm2-135m --dataset gsm8k --limit 100
     python eval.py --model out/latro/final --dataset arc_challenge --samples 8 --temperature 1.0
     torchrun --nproc_per_node 8 eval.py --model llama-3.1-8b --dataset gsm8k
     python eval.py --compare runs/eval/base.jsonl runs/eval/trained.jsonl
 
-Results go to a JSONL file (one line per question, appended after every batch, so an interrupted run resumes where
-it stopped) and a summary JSON next to it; both are created only once the model and data have loaded. A run scores
-the questions it selects (--limit N: the first N), even when its file holds more. train.py calls `evaluate()`
-directly on the model in memory.
+Results go to a JSONL file, a record per question appended after every batch (a rerun resumes it), and a summary
+JSON beside it, both created once the model and data have loaded; a lock file keeps other runs off them meanwhile.
+A run scores the questions it selects (--limit N: the first N), each once. train.py calls `evaluate()` directly.
 """
 
 import argparse
@@ -29,16 +20,19 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import data
 from model import generate, load, resolve_dtype
-from parallel import on_rank0, run_main, setup_distributed
+from parallel import NON_NEGATIVE, POSITIVE, UNIT, check_flags, on_rank0, run_main, setup_distributed
+from rundir import pid_alive
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. The evaluation loop
@@ -46,23 +40,17 @@ from parallel import on_rank0, run_main, setup_distributed
 
 def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samples=0, temperature=1.0, top_p=1.0,
              seed=0, greedy=True, on_records=None, compiled=False):
-    """Evaluates `model` on `examples`; returns (records in question order, summary). No file I/O.
-
-    greedy: one greedy rationale per question (the paper's main numbers). samples: K sampled rationales per question
-    at `temperature` for maj@K and pass@K (0 = none). Under torch.distributed, each round of world_size × batch_size
-    questions is split across ranks and the records are gathered, so every rank returns what one process would. The
-    batch starting at question i samples with seed + i, so sampled results do not depend on the number of processes.
-    on_records(new_records) is called on every rank after each round, in question order. compiled: decode with
-    model.generate's compiled fixed-shape step (the same tokens).
-    """
+    """-> (records in question order, summary); no file I/O. greedy: a greedy rationale per question (the paper's main
+    numbers); samples: K sampled ones at `temperature` for maj@K and pass@K. Under torch.distributed each round of
+    world_size × batch_size questions is split across ranks and gathered, so every rank returns what one process
+    would (the batch from question i samples with seed + i); on_records(new) is called on every rank after each
+    round. compiled: decode with model.generate's compiled fixed-shape step (the same tokens)."""
     if not greedy and not samples:
         raise ValueError("evaluate: nothing to do (greedy=False and samples=0)")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    world = torch.distributed.get_world_size() if distributed else 1
-    was_training = model.training
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    was_training, start_time, records = model.training, time.time(), []
     model.eval()
-    start_time, records = time.time(), []
     for start in range(0, len(examples), batch_size * world):
         first = start + rank * batch_size
         mine = examples[first:first + batch_size]
@@ -76,10 +64,8 @@ def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samp
         if on_records is not None:
             on_records(new)
     model.train(was_training)
-    seconds = time.time() - start_time
-    summary = summarize(records)
-    summary |= {"seconds": seconds, "tokens_per_s": summary["generated_tokens"] / max(seconds, 1e-9)}
-    return records, summary
+    seconds, summary = time.time() - start_time, summarize(records)
+    return records, summary | {"seconds": seconds, "tokens_per_s": summary["generated_tokens"] / max(seconds, 1e-9)}
 
 
 def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, temperature, top_p, seed,
@@ -94,7 +80,8 @@ def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, 
 
     records = []
     for ex, prompt in zip(examples, prompts):
-        gold = {"gold": ex.label, "gold_text": ex.answer} if ex.task == "arc_challenge" else {"gold": canonical_number(ex.answer)}
+        arc = ex.task == "arc_challenge"
+        gold = {"gold": ex.label, "gold_text": ex.answer} if arc else {"gold": canonical_number(ex.answer)}
         records.append({"id": ex.id, "prompt": tokenizer.decode(prompt)} | gold)
     if greedy:
         for ex, record, ids in zip(examples, records, generate(model, prompts, max_new_tokens, temperature=0.0,
@@ -112,8 +99,7 @@ def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, 
             answers = [extract_answer(ex, t) for t in texts]
             vote = majority(answers)
             record |= {"sample_rationales": texts, "sample_answers": answers,
-                       "sample_correct": [is_correct(ex, a) for a in answers],
-                       "sample_tokens": [len(ids) for ids in rows],
+                       "sample_correct": [is_correct(ex, a) for a in answers], "sample_tokens": [len(r) for r in rows],
                        "maj_answer": vote, "maj_correct": is_correct(ex, vote),
                        "pass_correct": any(is_correct(ex, a) for a in answers)}
     return records
@@ -125,8 +111,7 @@ def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, 
 
 def summarize(records: list[dict]) -> dict:
     """Accuracies (with 95% Wilson intervals) and token counts of a list of per-question records."""
-    n = len(records)
-    metrics = {}
+    n, metrics = len(records), {}
     if records and "correct" in records[0]:
         metrics["greedy"] = score(sum(r["correct"] for r in records), n)
         metrics["greedy_official"] = score(sum(r["official_correct"] for r in records), n)
@@ -134,7 +119,7 @@ def summarize(records: list[dict]) -> dict:
         k = len(records[0]["sample_answers"])
         metrics[f"maj@{k}"] = score(sum(r["maj_correct"] for r in records), n)
         metrics[f"pass@{k}"] = score(sum(r["pass_correct"] for r in records), n)
-    headline = metrics["greedy"] if "greedy" in metrics else next(iter(metrics.values()), score(0, 0))
+    headline = next(iter(metrics.values()), score(0, 0))  # greedy if there is one, else maj@K
     return {"n": n, "accuracy": headline["accuracy"], "ci95": headline["ci95"], "metrics": metrics,
             "no_answer": sum(r.get("answer", "") is None for r in records),
             "unfinished": sum(not r.get("finished", True) for r in records),  # greedy rationales cut at max_new_tokens
@@ -162,11 +147,11 @@ def majority(answers: list[str | None]) -> str | None:
     if not votes:
         return None
     best = max(votes.values())
-    return next(a for a in answers if votes.get(a) == best)
+    return next(a for a in answers if votes[a] == best)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. Answer extraction (ours; `official_correct`, at the end, reimplements the official rule and says how ours departs)
+# 3. Answer extraction (ours)
 
 
 def extract_answer(example: data.Example, text: str) -> str | None:
@@ -193,12 +178,9 @@ def extract_number(text: str) -> str | None:
     """The GSM8K answer in a rationale: the first number after the last "The answer is", else the last number."""
     text = text.replace("\u2212", "-")  # typographic minus
     answer_is = list(ANSWER_IS.finditer(text))
-    if answer_is:
-        after = NUMBER.findall(text[answer_is[-1].end():])
-        if after:
-            return canonical_number(after[0])
-    numbers = NUMBER.findall(text)
-    return canonical_number(numbers[-1]) if numbers else None
+    after = NUMBER.findall(text[answer_is[-1].end():])[:1] if answer_is else []
+    numbers = after or NUMBER.findall(text)[-1:]
+    return canonical_number(numbers[0]) if numbers else None
 
 
 def canonical_number(text: str) -> str:
@@ -227,11 +209,9 @@ LABEL_PATTERNS = [
 def extract_choice(text: str, choices: list[tuple[str, str]]) -> str | None:
     """The label of the ARC option the rationale settles on, or None. It should be after the last "answer is" or
     "Answer:" (to the end of that line, or the next line if that is empty); failing that, on the last non-empty line."""
-    spans = []
     marks = list(ANSWER_MARK.finditer(text))
-    if marks:
-        rest = text[marks[-1].end():].lstrip(" \t:*")
-        spans += [line for line in rest.split("\n") if line.strip(" \t:*")][:1]
+    rest = text[marks[-1].end():].lstrip(" \t:*") if marks else ""
+    spans = [line for line in rest.split("\n") if line.strip(" \t:*")][:1]
     spans += [line for line in text.split("\n") if line.strip()][-1:]
     for span in spans:
         label = match_option(span, choices)
@@ -243,15 +223,13 @@ def extract_choice(text: str, choices: list[tuple[str, str]]) -> str | None:
 def match_option(span: str, choices: list[tuple[str, str]]) -> str | None:
     """The label of the one option `span` names, or None."""
     span = span.strip().strip("*_`\"' ").strip()
-    labels = [label for label, _ in choices]
-    wanted = normalize(span)
-    # 1. The option's exact text, possibly after its label: "Planetary days will become shorter." or "C. Planetary...".
-    for label, text in choices:  # same case first: genetics options can differ only in case ("Rr", "rr", "RR")
-        if span.rstrip(".") == text.rstrip("."):
-            return label
-    for label, text in choices:
-        if wanted == normalize(text):
-            return label
+    labels, wanted = [label for label, _ in choices], normalize(span)
+    # 1. The option's exact text, possibly after its label: "Planetary days will become shorter." or "C. Planetary...";
+    # same case first: genetics options can differ only in case ("Rr", "rr", "RR").
+    exact = [label for label, text in choices if span.rstrip(".") == text.rstrip(".")] or \
+        [label for label, text in choices if wanted == normalize(text)]
+    if exact:
+        return exact[0]
     for pattern in LABEL_PATTERNS[:2]:
         m = pattern.match(span)
         label = m.group(1).upper() if m else None
@@ -266,11 +244,7 @@ def match_option(span: str, choices: list[tuple[str, str]]) -> str | None:
     # inside another one's text ("water" in "salt water") does not count. The sentence of the earliest option must
     # name no other: "(oil). Oil floats on water." is oil, "water or oil" and SmolLM2's habit of listing every option
     # ("['...', '...', '...', '...']") are none.
-    found = []
-    for label, text in choices:
-        m = find_words(normalize(text), wanted)
-        if m:
-            found.append((m.start(), m.end(), label))
+    found = [(m.start(), m.end(), label) for label, text in choices if (m := find_words(normalize(text), wanted))]
     found = [(start, end, label) for start, end, label in found
              if not any(s <= start and end <= e and e - s > end - start for s, e, _ in found)]
     if found:
@@ -278,11 +252,8 @@ def match_option(span: str, choices: list[tuple[str, str]]) -> str | None:
         named = {label for start, _, label in found if not sentence_end or start < sentence_end.start()}
         return named.pop() if len(named) == 1 else None
     # 4. The span inside exactly one option's text (the model shortened it: "days will become shorter").
-    if len(wanted) >= 3:
-        inside = [label for label, text in choices if find_words(wanted, normalize(text))]
-        if len(inside) == 1:
-            return inside[0]
-    return None
+    inside = [label for label, text in choices if find_words(wanted, normalize(text))] if len(wanted) >= 3 else []
+    return inside[0] if len(inside) == 1 else None
 
 
 def normalize(text: str) -> str:
@@ -296,42 +267,43 @@ def find_words(phrase: str, text: str):
     return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) if phrase else None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. The official rule (eval_utils.py), reimplemented to be reported next to ours
+
+
 OFFICIAL_NUMBER = re.compile(r"-?[\d,]*\.?\d+")  # the official eval_utils.py regex
-OFFICIAL_ARC_ENDS = " :\"'[]()"  # what the official ARC rule strips from the ends of the answer span
+OFFICIAL_ENDS = " '[]()\"."  # what the official ARC rule strips from both ends of its span (not newlines)
 
 
 def official_correct(example: data.Example, text: str) -> bool:
-    """The official eval_utils.py verdict, reimplemented and reported next to ours so that numbers can be compared
-    with the paper's. Where ours departs from it:
-      - GSM8K: the first number after the LAST "The answer is", else the last number in the text. The official code
-        matches "The answer is" case-sensitively with the regex -?[\\d,]*\\.?\\d+; we match it in any case, read
-        "1,080" as one number but "1,2,3" as three, do not read the "-" of "5-3" as a sign, and read a Unicode minus
-        ("−3", U+2212) as one (the official regex reads 3).
-      - ARC: the official code lower-cases the text and the gold and drops the gold's trailing "."; its span is the
-        text after the LAST "the answer is" up to the next ".", with : " ' [ ] ( ) stripped from its two ends (or,
-        with no "the answer is", the last "."-separated fragment once the text's final "." is dropped), and it is
-        right when the gold option text is a substring of the span. So a span naming two options is right whenever
-        one is the gold, "salt water" is right for the gold "water", and a gold with a "." inside ("2.5 m/s") or
-        ending in ")" is never right, even written verbatim (19 of the 1172 test golds). We instead map the answer
-        span to ONE option - by its exact text, then by its label ("(C)", "C.", "option C"), then by the option text
-        inside it - and compare labels. A span that names several options (SmolLM2 writes "The answer is ['...',
-        '...', '...', '...']") names none.
+    """The official eval_utils.py verdict (is_equiv_gsm8k, is_equiv_arc), so that numbers can be compared with the
+    paper's. Where ours departs from it:
+      - GSM8K: the official code matches "The answer is" case-sensitively with the regex -?[\\d,]*\\.?\\d+; we match
+        it in any case, read "1,080" as one number but "1,2,3" as three, do not read the "-" of "5-3" as a sign, and
+        read a Unicode minus ("−3", U+2212) as one (the official regex reads 3).
+      - ARC: the official span is the FIRST sentence (split at ".", not at "?" or "!") holding "the answer is", after
+        its last "the answer is" and a leading ":"; without one, the text's last "."-separated fragment. The span, or
+        the text before it is split, is stripped of ' " [ ] ( ) . and spaces at both ends, not of newlines ("oil.\\n"
+        leaves the fragment "\\n"). It is right when the lower-cased gold text, less a final ".", is a substring of
+        the span: "salt water" is right for the gold "water", a span naming two options is right when one is the
+        gold, and a gold with a "." inside ("2.5 m/s") or ending in ")" never is. We read after the LAST "answer is"
+        or "Answer:", map that span to ONE option (by its text, its label "(C)", "option C", or its text inside the
+        span; a span naming several names none) and compare labels.
     """
     if example.task == "gsm8k":
         after = OFFICIAL_NUMBER.findall(text.split("The answer is")[-1]) if "The answer is" in text else []
         numbers = after[:1] or OFFICIAL_NUMBER.findall(text)[-1:]
         return bool(numbers) and float(numbers[0].replace(",", "")) == float(example.answer)
-    target = example.answer.strip().rstrip(".").lower()
-    text = text.strip().rstrip(".").lower()
-    if "the answer is" in text:
-        span = text.split("the answer is")[-1].split(".")[0].strip(OFFICIAL_ARC_ENDS)
+    if "the answer is" in text.lower():
+        sentence = next(s.lower() for s in text.split(".") if "the answer is" in s.lower())
+        span = sentence.split("the answer is")[-1].lstrip(":").strip(OFFICIAL_ENDS)
     else:
-        span = text.split(".")[-1]
-    return target in span
+        span = text.lower().strip(OFFICIAL_ENDS).split(".")[-1]
+    return bool(text) and example.answer.lower().strip().rstrip(".") in span
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 4. Result files: a .jsonl of records, appended to, and a .summary.json holding the settings they were made with
+# 5. Result files: records appended to a .jsonl, the settings they were made with in a .summary.json, a .lock held
 
 
 def summary_path(out: Path) -> Path:
@@ -339,27 +311,72 @@ def summary_path(out: Path) -> Path:
 
 
 def read_records(path: Path) -> list[dict]:
-    rows = data.read_jsonl_rows(path, "result record")
-    for number, record in rows:
+    """A results file's records, one per question id: the first, where the file holds an id twice."""
+    records = {}
+    for number, record in data.read_jsonl_rows(path, "result record"):
         if not isinstance(record, dict) or "id" not in record:
             raise ValueError(f"{path}:{number}: expected a result record with an 'id'")
-    return [record for _, record in rows]
+        records.setdefault(record["id"], record)
+    return list(records.values())
 
 
-def check_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
-    """Ids of the questions already in `out` (none with --overwrite). Runs before anything loads and writes nothing:
-    an error if `out` can never be written, or was written with other settings."""
-    if out.is_dir():
-        raise ValueError(f"--out {out}: is a directory; expected the path of a .jsonl results file")
+def check_output(out: Path) -> None:
+    """Before anything loads or is written: an error if `out` can never be written."""
     parent = next(p for p in out.parents if p.exists())  # the directories below it are still to be created
-    if not parent.is_dir():
-        raise ValueError(f"--out {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ValueError(f"--out {out}: not writable (permission denied)")
+    for broken, why in [(out.is_dir(), "is a directory; expected the path of a .jsonl results file"),
+                        (not parent.is_dir(), f"{parent} is a file, not a directory"),
+                        (not os.access(parent, os.W_OK | os.X_OK) or out.exists() and not os.access(out, os.W_OK),
+                         "not writable (permission denied)")]:
+        if broken:
+            raise ValueError(f"--out {out}: {why}")
+
+
+@contextmanager
+def locked(out: Path, rank: int):
+    """Holds <out>.lock, created exclusively and naming host, pid and start time, while a run uses `out`. A lock of a
+    dead process on this host is taken over with a note; a live one is an error saying how to clear it."""
+    lock = out.with_name(out.name + ".lock")
+    on_rank0(rank, lambda: take_lock(lock))
+    try:
+        yield
+    finally:
+        if rank == 0:
+            lock.unlink(missing_ok=True)
+
+
+def take_lock(lock: Path) -> None:
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            with open(lock, "x", encoding="utf-8") as f:
+                f.write(json.dumps(me))
+            return
+        except FileExistsError:
+            pass
+        try:
+            text = lock.read_text(encoding="utf-8")
+            holder = json.loads(text)
+            host, pid = holder["host"], int(holder["pid"])
+        except FileNotFoundError:  # released meanwhile
+            continue
+        except (ValueError, KeyError, TypeError):  # torn or foreign: whose it is is unknown
+            holder, host, pid = {}, None, 0
+        if host != me["host"] or pid <= 0 or pid_alive(pid):
+            who = f"pid {pid} on {host} (since {holder.get('started')})" if host else "an unknown process"
+            raise ValueError(f"{lock.with_suffix('')} is in use by {who}; wait for it to finish, or delete {lock} "
+                             "if that process is gone")
+        print(f"note: taking over {lock} from pid {pid}, which is no longer running", flush=True)
+        if lock.read_text(encoding="utf-8") == text:  # not taken over by another run meanwhile
+            lock.unlink()
+
+
+def resumable(out: Path, settings: dict, overwrite: bool) -> set[str]:
+    """Ids of the questions already in `out` (none with --overwrite); an error if it was written with other
+    settings. Writes nothing."""
     if overwrite or not out.exists():
         return set()
-    summary_file = summary_path(out)
-    retry = "choose another --out or pass --overwrite"
+    summary_file, retry = summary_path(out), "choose another --out or pass --overwrite"
     if not summary_file.exists():
         raise ValueError(f"{out} exists but {summary_file} does not, so its settings are unknown; {retry}")
     try:
@@ -374,30 +391,56 @@ def check_output(out: Path, settings: dict, overwrite: bool) -> set[str]:
 
 
 def start_output(out: Path, settings: dict, overwrite: bool) -> None:
-    """Makes `out` ready for appending. Called only once the model, tokenizer and data have loaded, so that a failed
-    load leaves nothing behind."""
+    """Makes `out` ready for appending; called once the model, tokenizer and data have loaded, so that a failed load
+    leaves nothing behind."""
     summary_file = summary_path(out)
     if overwrite and out.exists():
         for path in (out, summary_file):
             if path.exists():
                 os.replace(path, path.with_name(path.name + ".bak"))  # kept, not deleted: --overwrite can be a typo
         print(f"--overwrite: moved the previous results to {out}.bak")
-    if not out.exists():  # the settings first (write_atomic makes the directory): a crash leaves a resumable pair
-        data.write_json(summary_file, {"settings": settings, "complete": False})
-        out.touch()
-        return
-    with open(out, "rb+") as f:  # drop a torn last line, so the next append starts on a fresh line
-        body = f.read()
-        if body and not body.endswith(b"\n"):
-            f.truncate(body.rfind(b"\n") + 1)
+    with writing(out, out):
+        if not out.exists():  # the settings first: a crash leaves a resumable pair
+            data.write_json(summary_file, {"settings": settings, "complete": False})
+            out.touch()
+        with open(out, "rb+") as f:  # a last line torn by a killed run is dropped: appends start on a fresh line
+            f.truncate(f.read().rfind(b"\n") + 1)
+
+
+def append_records(out: Path, records: list[dict]) -> None:
+    """One line per record, in one write; a failed write (a full disk) is cut back to the last complete line."""
+    body = memoryview("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    with open(out, "ab", buffering=0) as f:
+        start = f.tell()
+        try:
+            while body:
+                body = body[f.write(body):]
+        except OSError:
+            f.truncate(start)
+            raise
+
+
+@contextmanager
+def writing(path: Path, out: Path):
+    """A failed write of `path` (a full disk, ...) becomes one line saying what is saved and how to go on."""
+    try:
+        yield
+    except OSError as e:
+        saved = len(read_records(out)) if out.exists() else 0
+        raise ValueError(f"{path}: could not write ({e.strerror or e}); {saved} records saved, rerun the same "
+                         "command to resume") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 5. Comparing two runs
+# 6. Comparing two runs
+
+
+METRICS = {"correct": "greedy", "maj_correct": "maj@{k}", "pass_correct": "pass@{k}"}  # the record keys compared
 
 
 def compare(path_a: str, path_b: str) -> str:
-    """Paired comparison of two result files on their common questions (e.g. base model vs LaTRO-trained)."""
+    """Paired comparison of two result files on their common questions (e.g. base model vs LaTRO-trained), for each
+    metric both hold. Records with one id must be one question: the same prompt and gold."""
     runs = []
     for path in (path_a, path_b):
         if not Path(path).is_file():
@@ -407,30 +450,53 @@ def compare(path_a: str, path_b: str) -> str:
     ids = [i for i in a if i in b]
     if not ids:
         raise ValueError(f"{path_a} and {path_b} have no question ids in common")
-    key = "correct" if all("correct" in a[i] and "correct" in b[i] for i in ids) else "maj_correct"
-    right_a = sum(bool(a[i][key]) for i in ids)
-    right_b = sum(bool(b[i][key]) for i in ids)
-    gained = sum(not a[i][key] and bool(b[i][key]) for i in ids)  # wrong in A, right in B
-    lost = sum(bool(a[i][key]) and not b[i][key] for i in ids)
-    n, flips = len(ids), gained + lost
-    # McNemar's exact test: only the questions that flipped carry information; under "no difference" each flip is a
-    # fair coin, so the p-value is a two-sided binomial tail.
+    differ = [i for i in ids if any(a[i].get(k) != b[i].get(k) for k in ("prompt", "gold"))]
+    if differ:
+        raise ValueError(f"{path_a} and {path_b} hold different questions under the same ids: {len(differ)} of the "
+                         f"{len(ids)} ids they share differ in prompt or gold (e.g. {differ[0]})")
+
+    def name(key, run):  # "maj@8", as the file's first common record has it
+        return METRICS[key].format(k=len(run[ids[0]].get("sample_answers", [])))
+
+    shared = [key for key in METRICS if all(key in a[i] and key in b[i] for i in ids)]
+    if not shared:
+        held = [", ".join(name(key, run) for key in METRICS if key in run[ids[0]]) or "no metric" for run in runs]
+        raise ValueError(f"{path_a} holds {held[0]} and {path_b} holds {held[1]}: they share no metric to compare")
+    lines = [f"{len(ids)} questions in common{dataset_of(path_a)}"]
+    for key in shared:
+        lines.append(" vs ".join(dict.fromkeys([name(key, a), name(key, b)])) + ":")
+        lines += paired([bool(a[i][key]) for i in ids], [bool(b[i][key]) for i in ids], path_a, path_b)
+    return "\n".join(lines)
+
+
+def paired(right_a: list[bool], right_b: list[bool], path_a: str, path_b: str) -> list[str]:
+    """Both accuracies, their difference with a paired 95% CI, and McNemar's exact test: only the questions that
+    flipped carry information, and under "no difference" each flip is a fair coin (a two-sided binomial tail)."""
+    n = len(right_a)
+    gained = sum(b and not a for a, b in zip(right_a, right_b))  # wrong in A, right in B
+    lost = sum(a and not b for a, b in zip(right_a, right_b))
+    flips, diff = gained + lost, (gained - lost) / n
     p = min(1.0, 2 * sum(math.comb(flips, k) for k in range(min(gained, lost) + 1)) / 2**flips) if flips else 1.0
-    diff = (gained - lost) / n
-    se = math.sqrt(max(flips - (gained - lost) ** 2 / n, 0.0)) / n  # paired standard error of the difference
-    return "\n".join([
-        f"{n} questions in common ({key})",
-        f"  A {path_a}: {right_a}/{n} = {right_a / n:.1%}",
-        f"  B {path_b}: {right_b}/{n} = {right_b / n:.1%}",
-        f"  B - A: {diff:+.1%} (95% CI {diff - 1.96 * se:+.1%} to {diff + 1.96 * se:+.1%}, paired)",
-        f"  flipped: {gained} wrong->right, {lost} right->wrong, {n - flips} unchanged",
-        f"  McNemar exact test on the {flips} flips: p = {p:.3g}"
-        + (" (no evidence of a difference at 5%)" if p >= 0.05 else " (significant at 5%)"),
-    ])
+    se = math.sqrt(max(flips - (gained - lost) ** 2 / n, 0.0)) / n
+    return [f"  A {path_a}: {sum(right_a)}/{n} = {sum(right_a) / n:.1%}",
+            f"  B {path_b}: {sum(right_b)}/{n} = {sum(right_b) / n:.1%}",
+            f"  B - A: {diff:+.1%} (95% CI {diff - 1.96 * se:+.1%} to {diff + 1.96 * se:+.1%}, paired)",
+            f"  flipped: {gained} wrong->right, {lost} right->wrong, {n - flips} unchanged",
+            f"  McNemar exact test on the {flips} flips: p = {p:.3g}"
+            + (" (no evidence of a difference at 5%)" if p >= 0.05 else " (significant at 5%)")]
+
+
+def dataset_of(path: str) -> str:
+    """' (arith test)': the dataset and split in the settings beside a results file; '' without them."""
+    try:
+        settings = json.loads(summary_path(Path(path)).read_text())["settings"]
+        return " (" + " ".join(str(settings[k]) for k in ("dataset", "split") if settings.get(k)) + ")"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 6. Command line
+# 7. Command line
 
 
 def main(argv=None) -> int:
@@ -455,57 +521,57 @@ def run(args, rank) -> int:
     device, _, _ = setup_distributed(args.device)
     dtype = resolve_dtype(args.dtype, device)
     settings = run_settings(args, dtype)
-    done = on_rank0(rank, lambda: check_output(out, settings, args.overwrite))
-    examples = data.load_dataset(args.dataset, args.split, args.limit)
-    selected = {ex.id for ex in examples}
-    pending = [ex for ex in examples if ex.id not in done]
-    summary_file = summary_path(out)
-    if rank == 0:
-        print(f"{args.model} on {args.dataset} ({settings['split'] or 'file'}): {len(examples)} questions, "
-              f"{len(examples) - len(pending)} already in {out}, {len(pending)} to go", flush=True)
-    if pending:
-        model, tokenizer = load(args.model, device=device, dtype=dtype)
-        check_context(model, tokenizer, pending, args.max_new_tokens)
-        on_rank0(rank, lambda: start_output(out, settings, args.overwrite))  # inputs loaded: now create outputs
-        start, new_records = time.time(), []
-        so_far = [r for r in read_records(out) if r["id"] in selected] if rank == 0 else []
+    label = f"{args.dataset} {settings['split']}" if settings["split"] else args.dataset  # every accuracy names it
+    on_rank0(rank, lambda: check_output(out))
+    with locked(out, rank):
+        done = on_rank0(rank, lambda: resumable(out, settings, args.overwrite))
+        examples = data.load_dataset(args.dataset, args.split, args.limit)
+        selected, summary_file = {ex.id for ex in examples}, summary_path(out)
+        pending = [ex for ex in examples if ex.id not in done]
+        if rank == 0:
+            print(f"{args.model} on {label}: {len(examples)} questions, {len(examples) - len(pending)} already in "
+                  f"{out}, {len(pending)} to go", flush=True)
+        if pending:
+            model, tokenizer = load(args.model, device=device, dtype=dtype)
+            check_context(model, tokenizer, pending, args.max_new_tokens)
+            on_rank0(rank, lambda: start_output(out, settings, args.overwrite))  # inputs loaded: now create outputs
+            start, new_records = time.time(), []
+            so_far = [r for r in read_records(out) if r["id"] in selected] if rank == 0 else []
 
-        def on_records(new):  # rank 0 appends each round to the results file and refreshes the summary
-            with open(out, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
-            new_records.extend(new)
-            so_far.extend(new)
-            running, elapsed = summarize(so_far), time.time() - start
-            print(f"  {len(examples) - len(pending) + len(new_records)}/{len(examples)} | accuracy "
-                  f"{running['accuracy']:.1%} | {summarize(new_records)['generated_tokens'] / elapsed:.0f} tok/s | "
-                  f"{elapsed:.0f}s", flush=True)
-            data.write_json(summary_file, {"settings": settings, "complete": False, **running})
+            def on_records(new):  # rank 0 appends each round to the results file and refreshes the summary
+                with writing(out, out):
+                    append_records(out, new)
+                new_records.extend(new)
+                so_far.extend(new)
+                running, elapsed = summarize(so_far), time.time() - start
+                print(f"  {len(examples) - len(pending) + len(new_records)}/{len(examples)} | "
+                      f"{next(iter(running['metrics']))} ({label}) {running['accuracy']:.1%} | "
+                      f"{summarize(new_records)['generated_tokens'] / elapsed:.0f} tok/s | {elapsed:.0f}s", flush=True)
+                with writing(summary_file, out):
+                    data.write_json(summary_file, {"settings": settings, "complete": False, **running})
 
-        _, run_summary = evaluate(model, tokenizer, pending, args.max_new_tokens, args.batch_size, args.samples,
-                                  args.temperature, args.top_p, args.seed, greedy=not args.no_greedy,
-                                  on_records=on_records if rank == 0 else None, compiled=args.compile)
-    if rank != 0:
-        return 0
-
-    # Score this run's selection only: the file may hold more questions (an earlier run without --limit).
-    records = read_records(out)
-    scored = [r for r in records if r["id"] in selected]
-    summary = {
-        "model": args.model, "dataset": args.dataset, "split": settings["split"], "settings": settings,
-        "complete": len({r["id"] for r in scored}) == len(selected), "out": str(out),
-    } | summarize(scored)
-    if len(scored) < len(records):
-        summary["outside_selection"] = len(records) - len(scored)
-        print(f"{len(records) - len(scored)} records in {out} are for questions outside this selection "
-              f"(e.g. an earlier run without --limit): kept, not scored")
-    if pending:  # speed of this invocation (a resumed run reports only its own part)
-        summary |= {"new_questions": len(pending), "seconds": round(run_summary["seconds"], 3),
-                    "tokens_per_s": round(run_summary["tokens_per_s"], 1), "batch_size": args.batch_size,
-                    "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
-    if pending or json.loads(summary_file.read_text()).get("complete") is not True:  # else it is written already
-        data.write_json(summary_file, summary)
+            _, run_summary = evaluate(model, tokenizer, pending, args.max_new_tokens, args.batch_size, args.samples,
+                                      args.temperature, args.top_p, args.seed, greedy=not args.no_greedy,
+                                      on_records=on_records if rank == 0 else None, compiled=args.compile)
+        if rank != 0:
+            return 0
+        records = read_records(out)
+        scored = [r for r in records if r["id"] in selected]  # this run's selection only
+        summary = {"model": args.model, "dataset": args.dataset, "split": settings["split"], "settings": settings,
+                   "complete": len(scored) == len(selected), "out": str(out)} | summarize(scored)
+        if len(scored) < len(records):
+            summary["outside_selection"] = len(records) - len(scored)
+            print(f"{len(records) - len(scored)} records in {out} are for questions outside this selection "
+                  f"(e.g. an earlier run without --limit): kept, not scored")
+        if pending:  # speed of this invocation (a resumed run reports only its own part)
+            summary |= {"new_questions": len(pending), "seconds": round(run_summary["seconds"], 3),
+                        "tokens_per_s": round(run_summary["tokens_per_s"], 1), "batch_size": args.batch_size,
+                        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+        if pending or json.loads(summary_file.read_text()).get("complete") is not True:  # else it is written already
+            with writing(summary_file, out):
+                data.write_json(summary_file, summary)
     for name, m in summary["metrics"].items():
-        print(f"{name:>16}: {m['correct']}/{m['n']} = {m['accuracy']:.1%} "
+        print(f"{name} ({label}): {m['correct']}/{m['n']} = {m['accuracy']:.1%} "
               f"(95% CI {m['ci95'][0]:.1%}-{m['ci95'][1]:.1%})")
     print(f"results: {out}\nsummary: {summary_file}")
     return 0
@@ -515,7 +581,7 @@ def parse_args(argv):
     """The flags; a bad value is a ValueError that names its flag (argparse itself checks only the types)."""
     p = argparse.ArgumentParser(description="Zero-shot CoT evaluation (greedy, maj@K, pass@K) with the LaTRO protocol.")
     p.add_argument("--model", help="model directory, Hugging Face hub id, or alias (e.g. smollm2-135m)")
-    p.add_argument("--dataset", help="gsm8k, arc_challenge, a .jsonl file, or a directory holding {split}.jsonl")
+    p.add_argument("--dataset", help="gsm8k, arc_challenge, arith, a .jsonl file, or a directory holding {split}.jsonl")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions")
     p.add_argument("--max-new-tokens", type=int, default=500, help="rationale length cap (paper: 500)")
@@ -535,22 +601,19 @@ def parse_args(argv):
     p.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
                    help="paired comparison of two result files instead of evaluating")
     args = p.parse_args(argv)
-    rules = [] if args.compare else [  # (is it broken, the error); --compare uses no other flag
+    if args.compare:  # which uses no other flag
+        return args
+    for broken, error in [
         (not args.model, "--model is required (or use --compare A.jsonl B.jsonl)"),
         (not args.dataset, "--dataset is required (or use --compare A.jsonl B.jsonl)"),
-        (args.limit is not None and args.limit < 1, f"--limit must be a positive integer, got {args.limit}"),
-        (args.max_new_tokens < 1, f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}"),
-        (args.batch_size < 1, f"--batch-size must be a positive integer, got {args.batch_size}"),
-        (args.samples < 0, f"--samples must be 0 (greedy only) or a positive number of samples, got {args.samples}"),
-        (args.samples and not args.temperature > 0,
-         f"--temperature must be > 0 with --samples, got {args.temperature}"),
-        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         (args.no_greedy and not args.samples, "--no-greedy needs --samples K (otherwise there is nothing to evaluate)"),
         (args.out and not args.out.endswith(".jsonl"), f"--out must end with .jsonl, got {args.out}"),
-    ]
-    for broken, error in rules:
+    ]:
         if broken:
             raise ValueError(error)
+    sampling = {"--temperature": (lambda v: v > 0, "a number > 0 with --samples")} if args.samples else {}
+    check_flags(args, {"--limit": POSITIVE, "--max-new-tokens": POSITIVE, "--batch-size": POSITIVE,
+                       "--samples": NON_NEGATIVE, "--top-p": UNIT} | sampling)
     return args
 
 
@@ -565,23 +628,25 @@ def run_settings(args, dtype) -> dict:
 
 
 def default_out(args) -> Path:
-    model_name = Path(args.model.rstrip("/")).name
-    dataset_name = Path(args.dataset).stem if args.dataset.endswith(".jsonl") else Path(args.dataset.rstrip("/")).name
-    split = "" if args.dataset.endswith(".jsonl") else f"-{args.split}"
+    is_file = args.dataset.endswith(".jsonl")
+    dataset_name = Path(args.dataset).stem if is_file else Path(args.dataset.rstrip("/")).name
     sampled = f"-k{args.samples}-t{args.temperature:g}" if args.samples else ""
-    return Path("runs/eval") / f"{model_name}-{dataset_name}{split}{sampled}.jsonl"
+    return Path("runs/eval") / (f"{Path(args.model.rstrip('/')).name}-{dataset_name}"
+                                f"{'' if is_file else '-' + args.split}{sampled}.jsonl")
 
 
 def check_context(model, tokenizer, examples, max_new_tokens) -> None:
-    """The longest prompt plus max_new_tokens must fit the model's context: generate() allocates a KV cache that
-    long before its first step."""
+    """Every prompt plus max_new_tokens must fit the model's context: generate() allocates a KV cache that long
+    before its first step."""
     longest, name = max((len(data.chat_prompt(tokenizer, ex)), ex.id) for ex in examples)
     context = model.args.max_seq_len
+    if longest >= context:
+        raise ValueError(f"question {name}: its prompt alone ({longest} tokens) does not fit the model's context of "
+                         f"{context} tokens (max_position_embeddings), whatever --max-new-tokens; leave it out")
     if longest + max_new_tokens > context:
         raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({name}, {longest} tokens) plus "
                          f"{max_new_tokens} new tokens exceeds the model's context of {context} tokens "
-                         f"(max_position_embeddings); at most {max(context - longest, 0)} new tokens fit")
-
+                         f"(max_position_embeddings); at most {context - longest} new tokens fit")
 
 if __name__ == "__main__":
     run_main(main)  # under torchrun, ends the process without interpreter finalization

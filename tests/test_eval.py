@@ -4,6 +4,7 @@ Tiny random models write gibberish, so their accuracy is ~0; the end-to-end test
 settings checks, the distributed gather), and `evaluate` is also run with a scripted generate() to check scoring.
 """
 
+import errno
 import json
 import os
 import sys
@@ -159,10 +160,13 @@ GROUPS = [("A", "group 1 (1A)"), ("B", "group 2 (2A)"), ("C", "group 17 (7A)"), 
 TIMES = [("A", "9:00 A.M."), ("B", "12:00 noon"), ("C", "1:00 P.M."), ("D", "6:00 P.M.")]
 PLANET_LIST = "The answer is " + str([text for _, text in PLANET])  # what SmolLM2 writes: every option, as a list
 
-# The official ARC rule (eval_utils.py), worked out by hand for each output: lower-case everything; drop the gold's
-# trailing "."; drop the text's final "."; span = the text after the LAST "the answer is" up to the next ".", with
-# : " ' [ ] ( ) and spaces stripped from its two ends only; no "the answer is": the last "."-separated fragment.
-# Right when the gold is a substring of the span. Next to it, ours: the one option the output names is the gold.
+# The official ARC rule (eval_utils.py's is_equiv_arc), worked out by hand for each output: lower-case everything and
+# drop the gold's trailing "."; with "the answer is" anywhere, the span is the FIRST "."-separated sentence holding
+# it, after that sentence's last "the answer is", with a leading ":" dropped and then ' " [ ] ( ) . and spaces (not
+# newlines) stripped from both ends; without one, the whole text is stripped of those same characters first and the
+# span is its last "."-separated fragment. Right when the gold is a substring of the span. Next to it, ours: the one
+# option the output names is the gold. The official function cannot be imported here (it is not vendored and tests
+# reach no network), so its verdicts were computed once by running that function on each row and transcribed.
 OFFICIAL_ARC_CASES = [
     # (options, gold label, output, official verdict, our verdict)
     # the gold's trailing "."
@@ -186,15 +190,17 @@ OFFICIAL_ARC_CASES = [
     (SPEEDS, "2", "The answer is 5 m/s.", True, True),
     (SPEEDS, "2", "The answer is 2.5 m/s.", False, False),  # the span is "2"
     (SPEEDS, "2", "The answer is 25 m/s", True, False),  # "5 m/s" is a substring of "25 m/s"
-    # two "the answer is": the official rule reads the last
-    (THREE, "C", "The answer is water, but the answer is oil", True, True),
+    # several "the answer is": the official rule reads the first sentence holding one, after its last one
+    (THREE, "C", "The answer is water, but the answer is oil", True, True),  # one sentence: its last marker
     (THREE, "B", "The answer is water, but the answer is oil", False, False),
-    (THREE, "B", "The answer is water. Wait, the answer is oil.", False, False),
-    (THREE, "C", "The answer is water. Wait, the answer is oil.", True, True),
+    (THREE, "B", "The answer is water. Wait, the answer is oil.", True, False),  # official: the first sentence
+    (THREE, "C", "The answer is water. Wait, the answer is oil.", False, True),  # ours: the last marker
+    (THREE, "B", "First, the answer is water? No. The answer is oil.", True, False),  # "?" ends no sentence there
+    (THREE, "B", "Water sinks, so the answer is: oil! Not water.", True, False),  # nor does "!"
     (PLANET, "C", "I print 'The answer is (one of the options)'. The answer is Planetary days will become shorter.",
-     True, True),
+     False, True),  # official: the span is "one of the options"
     (PLANET, "C", "The answer is Planetary days will become shorter. I said 'the answer is (one of the options)'.",
-     False, True),  # official: the span is "one of the options"; ours: that names no option, so the last line
+     True, True),  # ours: "one of the options" names no option, so the last line
     (THREE, "C", "The Answer Is oil", True, True),  # any case
     (THREE, "C", "The answer is (oil). Oil floats on water.", True, True),
     # no "the answer is": the last "."-separated fragment, after the final "." is dropped
@@ -203,6 +209,11 @@ OFFICIAL_ARC_CASES = [
     (THREE, "C", "I pick oil. Water sinks.", False, True),  # official: the fragment is "water sinks"
     (THREE, "B", "I pick oil. Water sinks.", True, False),
     (PLANET, "C", "Planetary days will become shorter.", True, True),
+    (PLANET, "C", "So I choose 'Planetary days will become shorter.'", True, True),  # ' and . stripped first
+    (THREE, "C", "I choose (oil.)", True, True),
+    (THREE, "C", "It must be oil.\n", False, True),  # official: a final newline is not stripped; the fragment is "\n"
+    (PLANET, "C", "Planetary days will become shorter.\n\n", False, True),
+    (THREE, "C", "The answer is oil.\n", True, True),  # with the marker, the sentence ends at the "."
     (PLANET, "C", "Days get shorter.", False, False),
     (PLANET, "C", "", False, False),
     # option labels: the official rule compares option texts only
@@ -412,7 +423,7 @@ def test_cli_bad_input(tiny_llama_dir, five_questions, tmp_path, capsys):
     assert code == 2 and f"{broken}:3" in log
 
     code, log = run_cli(model + ["--dataset", five_questions, "--limit", 0], capsys)
-    assert code == 2 and "--limit must be a positive integer" in log
+    assert code == 2 and "--limit 0: expected a positive integer" in log
 
     code, log = run_cli(model + ["--dataset", five_questions, "--no-greedy"], capsys)
     assert code == 2 and "--no-greedy needs --samples" in log
@@ -446,7 +457,7 @@ def test_cli_failed_load_leaves_nothing(tiny_llama_dir, five_questions, tmp_path
     base = ["--dataset", five_questions, "--out", out, "--max-new-tokens", 2, "--limit", 1]
     code, log = run_cli(["--model", tmp_path / "no-such-model"] + base, capsys)
     assert code == 2 and "no-such-model" in log
-    assert not out.exists() and not ev.summary_path(out).exists()
+    assert not out.exists() and not ev.summary_path(out).exists() and not Path(f"{out}.lock").exists()
     code, log = run_cli(["--model", tiny_llama_dir] + base, capsys)  # the corrected rerun starts
     assert code == 0, log
     assert len(out.read_text().splitlines()) == 1
@@ -477,7 +488,7 @@ def test_cli_scores_only_this_selection(tiny_llama_dir, five_questions, tmp_path
     code, log = run_cli(base + ["--limit", 3], capsys)
     assert code == 0, log
     assert "3 already in" in log and "0 to go" in log
-    assert "greedy: 0/3 = 0.0%" in log and "2 records" in log and "outside this selection" in log
+    assert f"greedy ({five_questions}): 0/3 = 0.0%" in log and "2 records" in log and "outside this selection" in log
     assert (out.read_bytes(), ev.summary_path(out).read_bytes()) == before  # nothing rewritten
 
 
@@ -500,7 +511,7 @@ def test_compare_reports_paired_flips(tmp_path, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": str(i), "correct": i < 5} for i in range(10)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"id": str(i), "correct": 2 <= i < 9} for i in range(10)])
     code, report = run_cli(["--compare", a, b], capsys)
-    assert code == 0
+    assert code == 0, report
     assert "10 questions in common" in report
     assert "5/10 = 50.0%" in report and "7/10 = 70.0%" in report
     assert "4 wrong->right, 2 right->wrong, 4 unchanged" in report
@@ -521,3 +532,174 @@ def test_two_processes_equal_one(tiny_llama3_dir, five_questions, tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
     assert one.read_text() == two.read_text()
     assert json.loads((tmp_path / "two.summary.json").read_text())["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reliability: two runs on one file, disk full, mismatched comparisons, prompts longer than the context, bad flags
+
+
+def test_cli_locks_the_results_file_and_counts_each_id_once(tiny_llama_dir, five_questions, tmp_path, capsys):
+    """Two runs appending to one file wrote every id twice and the summary counted 2n: now a lock file keeps the
+    second off, and a summary counts each id once (the first record) whatever the file holds."""
+    import socket
+    import subprocess
+    out = tmp_path / "r.jsonl"
+    lock = tmp_path / "r.jsonl.lock"
+    base = ["--model", tiny_llama_dir, "--dataset", five_questions, "--out", out, "--max-new-tokens", 2]
+    assert run_cli(base, capsys)[0] == 0
+    assert not lock.exists()  # released at the end
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    right = sum(r["correct"] for r in records)
+    write_jsonl(out, records + [r | {"correct": not r["correct"]} for r in records])  # as two runs leave it
+    summary = json.loads(ev.summary_path(out).read_text())
+    ev.summary_path(out).write_text(json.dumps(summary | {"complete": False}))
+    code, log = run_cli(base, capsys)
+    assert code == 0 and "0 to go" in log, log
+    summary = json.loads(ev.summary_path(out).read_text())
+    assert summary["n"] == 5 and summary["complete"] is True
+    assert summary["metrics"]["greedy"] == ev.score(right, 5)  # the first record of each id
+
+    before = out.read_bytes()
+    holder = {"host": socket.gethostname(), "pid": os.getppid(), "started": "2025-01-01 00:00:00"}  # alive
+    lock.write_text(json.dumps(holder))
+    code, log = run_cli(base + ["--overwrite"], capsys)
+    assert code == 2 and len(log.strip().splitlines()) == 1, log
+    assert f"pid {os.getppid()}" in log and socket.gethostname() in log and f"delete {lock}" in log
+    assert out.read_bytes() == before and json.loads(lock.read_text()) == holder  # untouched
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps(holder | {"pid": dead.pid}))  # left behind by a process that died
+    code, log = run_cli(base + ["--limit", 3], capsys)
+    assert code == 0, log
+    assert f"pid {dead.pid}" in log and "taking over" in log and not lock.exists()
+
+
+def test_compare_refuses_different_questions(tmp_path, capsys):
+    """Ids are <file stem>-<index>, so x1/test.jsonl and x2/test.jsonl share ids but not questions."""
+    def results(name, question):
+        return write_jsonl(tmp_path / name, [{"id": f"test-{i}", "prompt": f"{question} {i}?", "gold": str(i),
+                                              "correct": i % 2 == 0} for i in range(6)])
+    a = results("a.jsonl", "How many apples")
+    same = results("same.jsonl", "How many apples")
+    b = results("b.jsonl", "How many pears")
+    code, log = run_cli(["--compare", a, same], capsys)
+    assert code == 0 and "6 questions in common" in log, log
+    code, log = run_cli(["--compare", a, b], capsys)
+    assert code == 2 and len(log.strip().splitlines()) == 1, log
+    assert "6 of the 6" in log and "test-0" in log and "questions in common" not in log
+
+
+def test_compare_every_shared_metric(tmp_path, capsys):
+    greedy = write_jsonl(tmp_path / "greedy.jsonl", [{"id": str(i), "correct": i < 2} for i in range(4)])
+    sampled = [{"id": str(i), "sample_answers": ["1"] * 8, "maj_correct": i < 3, "pass_correct": True}
+               for i in range(4)]
+    samples_only = write_jsonl(tmp_path / "samples.jsonl", sampled)
+    both = write_jsonl(tmp_path / "both.jsonl", [r | {"correct": i == 0} for i, r in enumerate(sampled)])
+    code, log = run_cli(["--compare", greedy, samples_only], capsys)
+    assert code == 2 and "share no metric" in log and "Traceback" not in log, log
+    assert "greedy" in log and "maj@8" in log
+    code, log = run_cli(["--compare", samples_only, both], capsys)
+    assert code == 0, log
+    assert "greedy" not in log and "maj@8" in log and "pass@8" in log
+    code, log = run_cli(["--compare", greedy, both], capsys)
+    assert code == 0 and "greedy" in log and "maj@8" not in log, log
+    assert "2/4 = 50.0%" in log and "1/4 = 25.0%" in log
+
+
+class DiskFull:
+    """A file whose write stores half its bytes, then fails as a full disk does."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def write(self, body):
+        self.f.write(body[: len(body) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def writelines(self, lines):
+        self.write("".join(lines))
+
+
+@pytest.mark.parametrize("failing", ["results", "summary"])
+def test_cli_disk_full_is_one_line_and_resumes(failing, tiny_llama_dir, five_questions, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r.jsonl"
+    summary_file = ev.summary_path(out)
+    base = ["--model", tiny_llama_dir, "--dataset", five_questions, "--out", out, "--max-new-tokens", 2,
+            "--batch-size", 1]
+    calls = []
+    real_open, real_write_json = open, data.write_json
+
+    def full_open(path, mode="r", *args, **kwargs):  # the third append fails part-way
+        f = real_open(path, mode, *args, **kwargs)
+        if mode.startswith("a") and Path(path) == out:
+            calls.append(path)
+            return DiskFull(f) if len(calls) == 3 else f
+        return f
+
+    def full_write_json(path, obj):  # the third summary write (after the second batch) fails
+        if Path(path) == summary_file:
+            calls.append(path)
+            if len(calls) == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_json(path, obj)
+
+    if failing == "results":
+        monkeypatch.setattr(ev, "open", full_open, raising=False)
+    else:
+        monkeypatch.setattr(data, "write_json", full_write_json)
+    code, log = run_cli(base, capsys)
+    where = out if failing == "results" else summary_file
+    assert code != 0 and "Traceback" not in log
+    assert f"error: {where}: could not write (No space left on device); 2 records saved, rerun the same command " \
+           "to resume" in log
+    assert out.read_text().endswith("\n") and len(out.read_text().splitlines()) == 2  # no torn record
+    monkeypatch.undo()
+    code, log = run_cli(base, capsys)
+    assert code == 0 and "2 already in" in log, log
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [f"five-{i}" for i in range(5)]
+    assert json.loads(summary_file.read_text())["complete"] is True
+
+
+def test_cli_prompt_longer_than_the_context(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("generated"))
+    long = write_jsonl(tmp_path / "long.jsonl", [GSM8K_RECORDS[0], GSM8K_RECORDS[1] | {
+        "question": "How many? " + "Each apple weighs one pound more than the last. " * 40}])
+    code, log = run_cli(["--model", tiny_llama_dir, "--dataset", long, "--out", tmp_path / "r.jsonl",
+                         "--max-new-tokens", 4], capsys)
+    assert code == 2 and "long-1" in log and "prompt alone" in log and "context of 512 tokens" in log, log
+    assert "--max-new-tokens 4" not in log
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--limit", 0], "--limit 0: expected a positive integer"),
+    (["--batch-size", -1], "--batch-size -1: expected a positive integer"),
+    (["--max-new-tokens", 0], "--max-new-tokens 0: expected a positive integer"),
+    (["--samples", -2], "--samples -2: expected 0 or more"),
+    (["--top-p", 1.5], "--top-p 1.5: expected a number in (0, 1]"),
+    (["--samples", 2, "--temperature", 0], "--temperature 0.0: expected"),
+])
+def test_cli_flag_ranges_before_anything_loads(flags, error, five_questions, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("loaded the data"))
+    code, log = run_cli(["--model", "m", "--dataset", five_questions, "--out", tmp_path / "r.jsonl", *flags], capsys)
+    assert code == 2 and error in log, log
+
+
+def test_cli_accuracies_name_the_split(tiny_llama_dir, tmp_path, capsys):
+    code, log = run_cli(["--model", tiny_llama_dir, "--dataset", "arith", "--split", "validation", "--limit", 2,
+                         "--max-new-tokens", 2, "--out", tmp_path / "r.jsonl"], capsys)
+    assert code == 0, log
+    assert "greedy (arith validation): " in log and "greedy_official (arith validation): " in log
+    assert "| greedy (arith validation) " in log  # the running line
+    assert "held-out" not in log and "held out" not in log
