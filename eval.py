@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import time
 from collections import Counter
@@ -31,8 +30,8 @@ import torch
 
 import data
 from model import generate, load, resolve_dtype
-from parallel import NON_NEGATIVE, POSITIVE, UNIT, check_flags, on_rank0, run_main, setup_distributed
-from rundir import pid_alive
+from parallel import (NON_NEGATIVE, POSITIVE, UNIT, check_flags, on_rank0, release_lock, run_main,
+                      setup_distributed, take_lock)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. The evaluation loop
@@ -333,42 +332,14 @@ def check_output(out: Path) -> None:
 
 @contextmanager
 def locked(out: Path, rank: int):
-    """Holds <out>.lock, created exclusively and naming host, pid and start time, while a run uses `out`. A lock of a
-    dead process on this host is taken over with a note; a live one is an error saying how to clear it."""
+    """Holds <out>.lock (parallel.take_lock) while a run uses `out`: two runs never append to one file."""
     lock = out.with_name(out.name + ".lock")
-    on_rank0(rank, lambda: take_lock(lock))
+    on_rank0(rank, lambda: (lock.parent.mkdir(parents=True, exist_ok=True), take_lock(str(lock), str(out))))
     try:
         yield
     finally:
         if rank == 0:
-            lock.unlink(missing_ok=True)
-
-
-def take_lock(lock: Path) -> None:
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    while True:
-        try:
-            with open(lock, "x", encoding="utf-8") as f:
-                f.write(json.dumps(me))
-            return
-        except FileExistsError:
-            pass
-        try:
-            text = lock.read_text(encoding="utf-8")
-            holder = json.loads(text)
-            host, pid = holder["host"], int(holder["pid"])
-        except FileNotFoundError:  # released meanwhile
-            continue
-        except (ValueError, KeyError, TypeError):  # torn or foreign: whose it is is unknown
-            holder, host, pid = {}, None, 0
-        if host != me["host"] or pid <= 0 or pid_alive(pid):
-            who = f"pid {pid} on {host} (since {holder.get('started')})" if host else "an unknown process"
-            raise ValueError(f"{lock.with_suffix('')} is in use by {who}; wait for it to finish, or delete {lock} "
-                             "if that process is gone")
-        print(f"note: taking over {lock} from pid {pid}, which is no longer running", flush=True)
-        if lock.read_text(encoding="utf-8") == text:  # not taken over by another run meanwhile
-            lock.unlink()
+            release_lock(str(lock))
 
 
 def resumable(out: Path, settings: dict, overwrite: bool) -> set[str]:
@@ -408,16 +379,7 @@ def start_output(out: Path, settings: dict, overwrite: bool) -> None:
 
 
 def append_records(out: Path, records: list[dict]) -> None:
-    """One line per record, in one write; a failed write (a full disk) is cut back to the last complete line."""
-    body = memoryview("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
-    with open(out, "ab", buffering=0) as f:
-        start = f.tell()
-        try:
-            while body:
-                body = body[f.write(body):]
-        except OSError:
-            f.truncate(start)
-            raise
+    data.append_lines(out, [json.dumps(r, ensure_ascii=False) for r in records])
 
 
 @contextmanager

@@ -11,7 +11,9 @@ here, so the training loop reads the same either way:
 import contextlib
 import os
 import resource
+import socket
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -87,6 +89,79 @@ def run_main(main):
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run at a time: a lock file that names its process
+
+def process_start(pid):
+    """When a process started (clock ticks since boot, /proc/PID/stat), or None: a pid reused after a container
+    restart has another start time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def lock_holder_alive(host, pid, start):
+    """Whether the process that wrote a lock of this host still runs (a reused pid does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return start is None or process_start(pid) in (None, start)
+
+
+def take_lock(path, what):
+    """An exclusive-create lock file "host pid start-ticks started-at" at `path`, for `what` (a run directory, a
+    results file). A lock left by a process of this host that no longer runs (kill -9, a container restart) is taken
+    over with a note; a live one, or one from another host, is an error that names it and says how to clear it."""
+    me = f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid())} {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = open(path).read()
+                host, pid, *rest = text.split()
+                pid, start = int(pid), int(rest[0]) if rest and rest[0].isdigit() else None
+            except (OSError, ValueError):
+                text, host, pid, start, rest = None, "?", 0, None, []
+            if host == socket.gethostname() and pid and not lock_holder_alive(host, pid, start):
+                # Move the stale lock aside (only one process can move a given file), then check that what moved is
+                # the stale lock and not the fresh one of a process that took it over a moment ago.
+                aside = f"{path}.stale-{os.getpid()}"
+                try:
+                    os.rename(path, aside)
+                except FileNotFoundError:
+                    continue
+                if open(aside).read() != text:
+                    try:
+                        os.link(aside, path)  # put the fresh lock back
+                    except FileExistsError:
+                        pass
+                else:
+                    print(f"note: {what}: taking over the lock of pid {pid}, which is no longer running", flush=True)
+                os.remove(aside)
+                continue
+            since = f", started {rest[1]}" if len(rest) > 1 else ""
+            raise ValueError(f"{what}: in use by another run (pid {pid} on {host}{since}; lock {path}); wait for it or "
+                             f"choose another --out; if no run uses it, delete {path}")
+        os.write(fd, me.encode())
+        os.close(fd)
+        return path
+    raise ValueError(f"{what}: could not take the lock {path}; another run may be starting there")
+
+
+def release_lock(path):
+    try:
+        if open(path).read().split()[1] == str(os.getpid()):
+            os.remove(path)
+    except (OSError, IndexError):
+        pass
 
 
 def on_rank0(rank, fn):

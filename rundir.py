@@ -19,14 +19,13 @@ import json
 import os
 import re
 import shutil
-import socket
-import time
 from pathlib import Path
 
 import torch
 
 import data
 from model import save
+import parallel
 from parallel import first_error, unwrap
 
 LOCK = ".lock"
@@ -78,75 +77,9 @@ def checkpoint_list(run_dir):
     return ", ".join(found) if found else f"none in {run_dir}"
 
 
-def process_start(pid):
-    """When a process started (clock ticks since boot, /proc/PID/stat), or None: a pid reused after a container
-    restart has another start time."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def lock_holder_alive(host, pid, start):
-    """Whether the process that wrote a lock of this host still runs (a reused pid does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start is None or process_start(pid) in (None, start)
-
-
 def take_lock(out):
-    """An exclusive-create lock file "host pid start-ticks started-at". A lock left by a process of this host that no
-    longer runs (kill -9, a container restart) is taken over with a note; a live one, or one from another host, is an
-    error that names it and says how to clear it."""
-    path = os.path.join(out, LOCK)
-    me = f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid())} {time.strftime('%Y-%m-%dT%H:%M:%S')}"
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                text = open(path).read()
-                host, pid, *rest = text.split()
-                pid, start = int(pid), int(rest[0]) if rest and rest[0].isdigit() else None
-            except (OSError, ValueError):
-                text, host, pid, start, rest = None, "?", 0, None, []
-            if host == socket.gethostname() and pid and not lock_holder_alive(host, pid, start):
-                # Move the stale lock aside (only one process can move a given file), then check that what moved is
-                # the stale lock and not the fresh one of a process that took it over a moment ago.
-                aside = f"{path}.stale-{os.getpid()}"
-                try:
-                    os.rename(path, aside)
-                except FileNotFoundError:
-                    continue
-                if open(aside).read() != text:
-                    try:
-                        os.link(aside, path)  # put the fresh lock back
-                    except FileExistsError:
-                        pass
-                else:
-                    print(f"note: {out}: taking over the lock of pid {pid}, which is no longer running", flush=True)
-                os.remove(aside)
-                continue
-            since = f", started {rest[1]}" if len(rest) > 1 else ""
-            raise ValueError(f"--out {out}: in use by another run (pid {pid} on {host}{since}; lock {path}); wait for "
-                             f"it or choose another --out; if no run uses it, delete {path}")
-        os.write(fd, me.encode())
-        os.close(fd)
-        return path
-    raise ValueError(f"--out {out}: could not take the lock {path}; another run may be starting there")
-
-
-def release_lock(path):
-    try:
-        if open(path).read().split()[1] == str(os.getpid()):
-            os.remove(path)
-    except (OSError, IndexError):
-        pass
+    """The run directory's lock (parallel.take_lock): one run per directory at a time."""
+    return parallel.take_lock(os.path.join(out, LOCK), f"--out {out}")
 
 
 def remove_partials(out):

@@ -234,7 +234,7 @@ def train(args):
         raise
     finally:
         if run.lock:
-            rundir.release_lock(run.lock)
+            parallel.release_lock(run.lock)
     if rank == 0:
         print_summary(args, run, time.time() - t_run)
 
