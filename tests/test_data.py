@@ -6,7 +6,9 @@ urlopen).
 
 import io
 import json
+import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +281,23 @@ def test_arith_is_deterministic_disjoint_and_self_consistent():
             value = {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op]
             assert value == int(rhs) and value >= 0
         assert str(value) == e.answer and e.answer_text == f"The answer is {value}."
+
+
+def test_transfer_set_is_self_consistent_and_worded_unlike_arith():
+    """tools/transfer.py: every worked step re-computes, the last gives the gold, and no question shares arith's
+    verbs, question phrasing or any question text."""
+    import re
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from transfer import transfer_records
+    records = transfer_records()
+    assert records == transfer_records() and len({r["question"] for r in records}) == 200
+    arith = {e.question for s in ("train", "validation", "test") for e in data.load_dataset("arith", s)}
+    for r in records:
+        steps, gold = r["answer"].split(" #### ")
+        value = None
+        for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", steps):
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op]
+            assert value == int(c)
+        assert value == int(gold) >= 0
+        assert not any(w in r["question"] for w in ("buys", "gives away", "doubles", "triples", "have now"))
+        assert r["question"] not in arith
