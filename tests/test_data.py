@@ -6,6 +6,7 @@ urlopen).
 
 import io
 import json
+import re
 import sys
 import urllib.error
 from pathlib import Path
@@ -156,8 +157,8 @@ def test_unrecognised_records_say_what_was_expected(tmp_path):
 def test_unknown_dataset_split_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match=r"unknown dataset 'gsm9k': expected one of gsm8k, arc_challenge"):
         data.load_dataset("gsm9k")
-    with pytest.raises(ValueError, match=r"gsm8k has no split 'validation': expected one of train, test"):
-        data.load_dataset("gsm8k", "validation")
+    with pytest.raises(ValueError, match=r"gsm8k has no split 'dev': expected one of train, validation, test"):
+        data.load_dataset("gsm8k", "dev")
     with pytest.raises(FileNotFoundError, match="missing.jsonl: no such file"):
         data.load_dataset(str(tmp_path / "missing.jsonl"))
     empty = tmp_path / "empty.jsonl"
@@ -301,3 +302,30 @@ def test_transfer_set_is_self_consistent_and_worded_unlike_arith():
         assert value == int(gold) >= 0
         assert not any(w in r["question"] for w in ("buys", "gives away", "doubles", "triples", "have now"))
         assert r["question"] not in arith
+
+
+def test_gsm8k_validation_is_carved_from_train_by_a_fixed_seed(tmp_path, monkeypatch):
+    rows = [{"question": f"Question {i}?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(600)]
+    (tmp_path / "gsm8k").mkdir()
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", rows)
+    monkeypatch.setenv("LATRO_DATA_DIR", str(tmp_path))
+    train, val = data.load_dataset("gsm8k", "train"), data.load_dataset("gsm8k", "validation")
+    assert (len(train), len(val)) == (600 - data.GSM8K_VALIDATION, data.GSM8K_VALIDATION)
+    assert not {e.question for e in train} & {e.question for e in val}
+    assert {e.id for e in train} | {e.id for e in val} == {f"train-{i}" for i in range(600)}  # ids of the file
+    assert data.load_dataset("gsm8k", "validation") == val and data.load_dataset("gsm8k", "train", limit=3) == train[:3]
+
+
+@pytest.mark.parametrize("gold", ["$12", "five", "3/4", "12 apples"])
+def test_a_non_numeric_gsm8k_gold_is_refused_at_load_naming_the_line(tmp_path, gold):
+    path = write_jsonl(tmp_path / "g.jsonl", GSM8K_LINES[:2] + [{"question": "Q?", "answer": f"so\n#### {gold}"}])
+    with pytest.raises(ValueError, match=rf"g.jsonl:3: expected a number after '#### ', got '{re.escape(gold)}'"):
+        data.load_dataset(str(path))
+
+
+def test_a_non_utf8_byte_names_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GSM8K_LINES[0]).encode() + b"\n" + '{"question": "Caf\xe9?", "answer": "1\\n#### 1"}'
+                     .encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"):
+        data.load_dataset(str(path))
