@@ -254,10 +254,12 @@ def check_inputs(args, run, resume_state):
                              "disjoint data: pass --eval-dataset FILE or another --eval-split")
     meta, tokenizer, directory = build_on_meta(args.model)
     context = meta.args.max_seq_len
-    for what, questions, new in (("--max-rationale-tokens", examples, args.max_rationale_tokens + 32),
-                                 ("--eval-max-new-tokens", eval_examples or [], args.eval_max_new_tokens)):
-        for e in questions:
+    for what, questions, length in (("--max-rationale-tokens", examples, args.max_rationale_tokens),
+                                    ("--eval-max-new-tokens", eval_examples or [], args.eval_max_new_tokens)):
+        for e in questions:  # a training row is [x | z | y], y the answer template and its end-of-turn token
             n = len(data.chat_prompt(tokenizer, e))
+            new = length + (len(tokenizer.encode(e.answer_text, add_special_tokens=False)) + 1 if questions is
+                            examples else 0)
             if n + new > context:
                 raise ValueError(f"{what}: question {e.id} has a {n}-token prompt, which with {new} more tokens "
                                  f"exceeds the model's context of {context} (max_position_embeddings)" +
