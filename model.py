@@ -776,22 +776,33 @@ def _ours_to_hf(state, args):
     return {_hf_key(name): t.contiguous() for name, t in state.items()}
 
 
+def _safetensors(path, device):
+    """(key, tensor) for each tensor of a safetensors file. Float weights only: a quantized checkpoint is refused here
+    rather than cast to float."""
+    from safetensors import safe_open
+    try:
+        f = safe_open(path, framework="pt", device=str(device))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (listed in model.safetensors.index.json)") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a readable safetensors file ({msg})") from None
+    with f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                raise ValueError(f"{path}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; expected float "
+                                 "weights (float32, bfloat16 or float16; quantized checkpoints are not supported)")
+            yield key, t
+
+
 def _read_weights(directory, args, device, dtype):
     """Every tensor of the checkpoint in `dtype` on `device`, under our parameter names. Names and shapes are not
     checked here: load_state_dict does that (_assign)."""
-    from safetensors import safe_open
     state = {}
     for path in _weight_files(directory):
-        try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    for name, t in _hf_to_ours(key, f.get_tensor(key), args).items():
-                        state[name] = t.to(dtype)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: missing (listed in model.safetensors.index.json)") from None
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            msg = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"{path}: not a readable safetensors file ({msg})") from None
+        for key, t in _safetensors(path, device):
+            state.update({name: part.to(dtype) for name, part in _hf_to_ours(key, t, args).items()})
     if args.tie_embeddings:
         state.pop("lm_head.weight", None)  # some tied checkpoints also store the copy; we have no lm_head
     return state

@@ -894,6 +894,21 @@ def test_error_wrong_tensor_shape(broken_dir):
     one_line_error(e, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.float8_e4m3fn])
+def test_error_quantized_tensor(broken_dir, dtype):
+    """A quantized checkpoint (an int8 q_proj, or fp8) is refused, not silently cast to float."""
+    path = broken_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].clamp(-1, 1).mul(100).to(dtype)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        load(str(broken_dir))
+    one_line_error(e, name)
+    assert str(e.value) == (f"{path}: tensor {name!r} is {str(dtype).removeprefix('torch.')}; expected float weights "
+                            "(float32, bfloat16 or float16; quantized checkpoints are not supported)")
+
+
 def test_error_missing_tensor(broken_dir):
     path = broken_dir / "model.safetensors"
     tensors = load_file(str(path))
