@@ -2,8 +2,8 @@
 log-probs without ever building a (B, T, V) tensor, and samples with a KV cache.
 
 Top to bottom: the architecture (ModelArgs, RoPE, attention, MLP, block, Transformer); scoring (token_logprobs);
-sampling (generate); the tokenizer; Hugging Face I/O (config.json, load, save). Parameter names follow the HF
-checkpoint minus its "model." prefix, so loading and saving copy tensors name for name.
+sampling (generate); LoRA adapters; the tokenizer; Hugging Face I/O (config.json, load, save, PEFT adapters).
+Parameter names follow the HF checkpoint minus its "model." prefix, so loading and saving copy tensors name for name.
 """
 import contextlib
 import functools
@@ -145,17 +145,12 @@ class Attention(nn.Module):
         if cache is not None:
             # Write this step's keys/values at each row's own positions, then attend to every cached key at or
             # before the query's position. The mask comes from positions, never from token values.
-            k, v = cache.write(self.layer_idx, positions, k, v)                              # (B, Hkv, S, D)
+            k, v = cache.write(self.layer_idx, positions, k, v)                          # (B, Hkv, S, D)
             mask = torch.arange(k.shape[2], device=x.device) <= positions[:, :, None]    # (B, T, S)
         if mask is None:  # plain causal forward over the whole (right-padded) sequence
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif T == 1:
-            y = decode_attention(q, k, v, mask)
         else:  # mask (B, T, S): True where query t may attend to key s
-            if q.is_cuda and k.shape[1] != q.shape[1]:  # CUDA's kernels that take a mask take no grouped KV heads:
-                # repeat them, or SDPA falls back to its math kernel, which holds (B, H, T, S) fp32 scores
-                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+            y = decode_attention(q, k, v, mask) if T == 1 else masked_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                          # (B, T, dim)
 
 
@@ -169,6 +164,14 @@ def decode_attention(q, k, v, mask):
     scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5                  # (B, Hkv, G, S)
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
+
+
+def masked_attention(q, k, v, mask):
+    """SDPA under a boolean mask (B, T, S). CUDA's kernels that take a mask take no grouped KV heads, so the KV heads
+    are repeated there; else SDPA would fall back to its math kernel, which holds (B, H, T, S) fp32 scores."""
+    if q.is_cuda and k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -506,6 +509,84 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# LoRA: PEFT's parametrisation and parameter names, so adapters move between this code and PEFT unchanged
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """base_layer(x) + lora_B(lora_A(dropout(x))) * alpha / r, base_layer frozen. lora_A starts kaiming-uniform and
+    lora_B at zero (as in PEFT), so a fresh adapter changes nothing. The adapters are fp32 master weights; under
+    autocast their matmuls run in the autocast dtype, else in fp32 with the sum cast back to the base's dtype."""
+
+    def __init__(self, base_layer, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base_layer, self.r, self.alpha, self.scaling = base_layer.requires_grad_(False), r, alpha, alpha / r
+        self.enabled = True  # False: exactly base_layer (adapters_disabled)
+        self.lora_dropout = nn.Dropout(dropout)
+        like = dict(bias=False, device=base_layer.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base_layer.in_features, r, **like)        # weight (r, in)
+        self.lora_B = nn.Linear(r, base_layer.out_features, **like)       # weight (out, r)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if not self.enabled:
+            return y
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        return (y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(y.dtype)
+
+
+def add_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Wraps the `targets` projections of every block in a LoRALinear of rank r (scaling alpha / r) and freezes every
+    other parameter, so that only lora_A and lora_B train. Returns model."""
+    if model.args.model_type == "phi3":  # PEFT's adapters for it sit on the fused qkv_proj and gate_up_proj
+        raise ValueError("add_lora: phi3 is not supported (its checkpoint fuses q/k/v and gate/up projections)")
+    if not set(targets) <= set(LORA_TARGETS) or not targets or not (isinstance(r, int) and r > 0):
+        raise ValueError(f"add_lora: expected r >= 1 and targets among {', '.join(LORA_TARGETS)}; got r={r!r}, "
+                         f"targets={list(targets)!r}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("add_lora: the model already has LoRA adapters")
+    model.requires_grad_(False)
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if name in targets:
+                    setattr(parent, name, LoRALinear(child, r, alpha, dropout))
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Inside the block the model computes exactly its base model (pi_ref, with no second copy of the weights). Use it
+    without gradients: activation checkpointing would recompute a backward with the adapters on again."""
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.enabled for m in lora]
+    for m in lora:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(lora, before):
+            m.enabled = enabled
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Folds each adapter into its base weight, W + B @ A * scaling computed in fp32 and stored in W's dtype, and puts
+    the plain nn.Linear back: the result is a plain model (every parameter trainable) that save() writes."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                w = child.base_layer.weight
+                w.copy_(w.float() + child.lora_B.weight.float() @ child.lora_A.weight.float() * child.scaling)
+                setattr(parent, name, child.base_layer)
+    return model.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
 def _token_text(tok):
@@ -839,8 +920,16 @@ def resolve_dtype(flag, device):
 
 
 def load(name_or_path, device=None, dtype=None):
-    """Loads a model and its tokenizer from a local HF directory, a hub id, or an alias in ALIASES.
-    dtype defaults to bfloat16 on GPU and float32 on CPU. Returns (model in eval mode, tokenizer)."""
+    """Loads a model and its tokenizer from a local HF directory, a hub id, an alias in ALIASES, or a LoRA adapter
+    directory (PEFT's layout: its base model, base_model_name_or_path, with the adapters added). dtype defaults to
+    bfloat16 on GPU and float32 on CPU. Returns (model in eval mode, tokenizer)."""
+    adapter_config = os.path.join(name_or_path, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        base = _read_json(adapter_config).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter_config}: no base_model_name_or_path (the model the adapter was trained on)")
+        model, tokenizer = load(base, device, dtype)
+        return load_adapter(model, name_or_path).eval(), tokenizer
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, tokenizer, directory = build_on_meta(name_or_path)
@@ -898,7 +987,10 @@ def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
     vLLM load the result unchanged. Atomic: files go to a temporary directory that replaces out_dir at the end.
     state_dict: a full state dict to write instead of model.state_dict() (FSDP gathers one)."""
     from huggingface_hub import save_torch_state_dict
-    state = _ours_to_hf(state_dict if state_dict is not None else model.state_dict(), model.args)
+    state = state_dict if state_dict is not None else model.state_dict()
+    if any(".lora_" in name for name in state):
+        raise ValueError("save: the model has LoRA adapters: merge_lora(model) first, or save_adapter() them")
+    state = _ours_to_hf(state, model.args)
     hf_config = dict(model.hf_config)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     hf_config["torch_dtype"] = hf_config["dtype"] = dtype  # the older and the newer key
@@ -910,3 +1002,60 @@ def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
             if os.path.isfile(os.path.join(tokenizer.directory, name)):
                 shutil.copyfile(os.path.join(tokenizer.directory, name), os.path.join(tmp, name))
     return out_dir
+
+
+def save_adapter(model, out_dir, base_model_name_or_path, state_dict=None):
+    """Writes the model's LoRA adapters in PEFT's layout (adapter_config.json, adapter_model.safetensors), which
+    PeftModel.from_pretrained, load_adapter and load read. Atomic, like save(). state_dict: a full state dict to take
+    the adapters from instead of model.state_dict() (FSDP gathers one)."""
+    from safetensors.torch import save_file
+    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not lora:
+        raise ValueError("save_adapter: the model has no LoRA adapters (add_lora)")
+    first = next(iter(lora.values()))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+              "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.lora_dropout.p,
+              "target_modules": sorted({name.rsplit(".", 1)[-1] for name in lora}), "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+              "use_dora": False, "modules_to_save": None, "layers_to_transform": None}
+    state = state_dict if state_dict is not None else model.state_dict()
+    adapters = {"base_model.model.model." + name: t.detach().cpu().contiguous()   # PEFT's keys: no adapter name
+                for name, t in state.items() if ".lora_" in name}
+    with _atomic_dir(out_dir) as tmp:
+        save_file(adapters, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    return out_dir
+
+
+def load_adapter(model, adapter_dir):
+    """Adds the LoRA adapters of adapter_dir (PEFT's layout, from save_adapter or PEFT's save_pretrained) to model,
+    on the device of its weights. Returns model."""
+    config_path, weights = (os.path.join(adapter_dir, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
+    for path in (config_path, weights):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing (expected a PEFT LoRA adapter directory; .bin adapters are not "
+                                    "loaded because they would be unpickled)")
+    config = _read_json(config_path)
+    targets = config.get("target_modules")
+    plain_lora = {"peft_type": config.get("peft_type") == "LORA", "bias": config.get("bias", "none") == "none",
+                  "target_modules": isinstance(targets, list) and set(targets) <= set(LORA_TARGETS)}
+    changes = ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+               "layers_to_transform", "modules_to_save")  # PEFT options that change the math or what is adapted
+    bad = [k for k, ok in plain_lora.items() if not ok] + [k for k in changes if config.get(k)]
+    if bad:
+        raise ValueError(f"{config_path}: {bad[0]}={config.get(bad[0])!r} is not supported (plain LoRA on "
+                         f"{', '.join(LORA_TARGETS)} only)")
+    add_lora(model, config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0), targets)
+    params = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    device = next(iter(params.values())).device
+    state = {key.removeprefix("base_model.model.model."): t for key, t in _safetensors(weights, device)}
+    shape = lambda t: "absent" if t is None else tuple(t.shape)  # noqa: E731
+    for name in sorted(params.keys() | state.keys()):
+        if shape(params.get(name)) != shape(state.get(name)):
+            raise ValueError(f"{weights}: tensor 'base_model.model.model.{name}' is {shape(state.get(name))} here but "
+                             f"{shape(params.get(name))} in the model (r={config['r']}, target_modules={targets})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
+    return model
