@@ -986,7 +986,7 @@ def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
     """Writes the Hugging Face layout (config.json, safetensors shards + index, tokenizer files) so transformers and
     vLLM load the result unchanged. Atomic: files go to a temporary directory that replaces out_dir at the end.
     state_dict: a full state dict to write instead of model.state_dict() (FSDP gathers one)."""
-    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import save_file
     state = state_dict if state_dict is not None else model.state_dict()
     if any(".lora_" in name for name in state):
         raise ValueError("save: the model has LoRA adapters: merge_lora(model) first, or save_adapter() them")
@@ -994,8 +994,22 @@ def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
     hf_config = dict(model.hf_config)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     hf_config["torch_dtype"] = hf_config["dtype"] = dtype  # the older and the newer key
+    shards, size = [{}], 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name], size = t.detach().cpu(), size + nbytes
     with _atomic_dir(out_dir) as tmp:
-        save_torch_state_dict({k: t.detach().cpu() for k, t in state.items()}, tmp, max_shard_size=max_shard_bytes)
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for fname, shard in zip(names, shards):
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         for name in Tokenizer.FILES:

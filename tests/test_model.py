@@ -707,6 +707,19 @@ def test_load_sharded_checkpoint(tmp_path):
     assert_parity(str(d), random_tokens(tokenizer_ids(src)["vocab_size"], 2, 20, seed=13))
 
 
+def test_save_in_shards_then_transformers_loads_same_model(tmp_path, tiny_phi3_dir):
+    model, tok = load(tiny_phi3_dir, dtype=torch.float32)
+    out = tmp_path / "sharded"
+    save(model, tok, str(out), max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert not (out / "model.safetensors").exists()
+    assert set(index["weight_map"]) == _safetensors_keys(tiny_phi3_dir)  # fused qkv / gate_up again
+    tokens = random_tokens(model.args.vocab_size, 2, 40, seed=14)
+    assert max_diff(hf_logits(hf_model(out), tokens), our_logits(model, tokens)) <= ATOL
+
+
 # --------------------------------------------------------------------------------------
 # 5. tokenizer
 # --------------------------------------------------------------------------------------
