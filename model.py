@@ -1,23 +1,11 @@
-"""A Llama-family transformer that loads Hugging Face checkpoints, samples with a KV cache, and scores
-per-token log-probs without ever building a (B, T, V) tensor.
+"""A Llama-family transformer (llama, mistral, phi3, qwen2) that loads Hugging Face checkpoints, scores per-token
+log-probs without ever building a (B, T, V) tensor, and samples with a KV cache.
 
-Read top to bottom:
-  1. ModelArgs    - the architecture, read from a Hugging Face config.json (llama, mistral, phi3, qwen2).
-  2. RoPE         - rotary tables in fp32, with llama3 / linear / longrope scaling.
-  3. Transformer  - RMSNorm, grouped-query attention, SwiGLU MLP; parameter names follow the HF checkpoint
-                    (minus the "model." prefix) so loading and saving are a name-for-name copy.
-  4. Scoring      - token_logprobs(): log p(token | prefix) on chosen spans, lm_head + fp32 logsumexp chunk by
-                    chunk, recomputed in backward. Policy, reference and reward scoring all go through it.
-  5. Sampling     - generate(): one prefill per prompt, its KV cache copied to the prompt's K samples, then
-                    batched decoding with per-row positions and masks derived from lengths.
-  6. Tokenizer    - `tokenizers` on tokenizer.json, BOS/EOS rules from tokenizer_config.json, chat template
-                    rendered with jinja2.
-  7. load / save  - local directory, hub id or alias; safetensors only (never unpickles); PyTorch's strict
-                    load_state_dict checks every name and shape; HF layout on save.
-
-RoPE convention: Hugging Face's "rotate_half" (the two halves of each head dimension form the pairs). HF
-checkpoints store q/k in exactly that layout, so no permutation is needed - and none is done.
+Top to bottom: the architecture (ModelArgs, RoPE, attention, MLP, block, Transformer); scoring (token_logprobs);
+sampling (generate); LoRA adapters; the tokenizer; Hugging Face I/O (config.json, load, save, PEFT adapters).
+Parameter names follow the HF checkpoint minus its "model." prefix, so loading and saving copy tensors name for name.
 """
+import contextlib
 import functools
 import json
 import math
@@ -30,25 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ALIASES = {  # short names for the paper's models and CPU-sized ones
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
-    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
-    "phi-3.5-mini": "microsoft/Phi-3.5-mini-instruct",
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
-    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
-}
-SUPPORTED_TYPES = ("llama", "mistral", "phi3", "qwen2")
-ROPE_FIELDS = {  # the rope types we support, and the fields each needs
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
-}
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. ModelArgs
+# Architecture
 
 @dataclass
 class ModelArgs:
@@ -72,66 +44,16 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, hf_config, source="config.json"):
-        """Reads a Hugging Face config.json dict. Fails with one line naming the field for anything we would
-        silently get wrong."""
-        get = hf_config.get
-        mt = get("model_type")
-        if mt not in SUPPORTED_TYPES:
-            raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
-        if get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {get('hidden_act')!r} is not supported (expected 'silu')")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(get(key), int):
-                raise ValueError(f"{source}: field {key!r} must be an integer, got {get(key)!r}")
-        n_heads, max_pos = get("num_attention_heads"), get("max_position_embeddings", 4096)
-        # A sliding window changes attention only for sequences longer than the window. (Qwen2 configs carry a
-        # window that use_sliding_window switches off.)
-        window = get("sliding_window") if mt != "qwen2" or get("use_sliding_window") else None
-        if window is not None and window < max_pos:
-            raise ValueError(f"{source}: sliding_window={window} < max_position_embeddings={max_pos} is not "
-                             f"supported (only full attention; expected sliding_window null or >= {max_pos})")
-        rope_theta, scaling = _rope_config(hf_config, source)
-        partial = get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
-        if partial != 1.0:
-            raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (expected 1.0)")
-        attention_bias = bool(get("attention_bias", False))
-        return cls(
-            model_type=mt, vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
-            n_heads=n_heads, n_kv_heads=get("num_key_value_heads") or n_heads,
-            head_dim=get("head_dim") or get("hidden_size") // n_heads, ffn_dim=get("intermediate_size"),
-            norm_eps=get("rms_norm_eps", 1e-5), tie_embeddings=bool(get("tie_word_embeddings", False)),
-            qkv_bias=mt == "qwen2" or attention_bias, o_bias=mt != "qwen2" and attention_bias,
-            mlp_bias=bool(get("mlp_bias", False)), max_seq_len=max_pos, rope_theta=rope_theta,
-            rope_scaling=scaling, eos_token_ids=_as_list(get("eos_token_id")),
-        )
+        return from_hf_config(hf_config, source)  # config.json parsing lives with the rest of the HF I/O, below
 
 
-def _as_list(x):
-    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _rope_config(hf_config, source):
-    """RoPE settings from either the classic keys (rope_theta, rope_scaling) or the newer rope_parameters."""
-    scaling = {**(hf_config.get("rope_scaling") or {}), **(hf_config.get("rope_parameters") or {})}
-    theta = scaling.pop("rope_theta", None) or hf_config.get("rope_theta") or 10000.0
-    kind = scaling.pop("rope_type", scaling.pop("type", None)) or "default"  # "type": the older key; drop both
-    if kind not in ROPE_FIELDS:
-        raise ValueError(f"{source}: rope type {kind!r} is not supported (supported: {', '.join(ROPE_FIELDS)})")
-    if kind == "longrope":  # Phi-3 configs keep the original context length at the top level
-        scaling.setdefault("original_max_position_embeddings", hf_config.get("original_max_position_embeddings"))
-    for key in ROPE_FIELDS[kind]:
-        if scaling.get(key) is None:
-            raise ValueError(f"{source}: {kind} rope scaling needs field {key!r}")
-    return float(theta), ({} if kind == "default" else {"rope_type": kind, **scaling})
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2. RoPE (tables always in fp32: bf16 angles lose precision at long positions)
+# RoPE. Convention: Hugging Face's "rotate_half", where dimensions i and i + D/2 of a head form a pair. HF checkpoints
+# store q/k projections in that layout, so no permutation of their rows is needed - and none is done. Tables are fp32:
+# bf16 angles lose precision at long positions.
 
 def rope_frequencies(args):
-    """Inverse frequencies (head_dim/2,) for short sequences, for long ones (longrope only, else None), and the
-    factor longrope multiplies cos/sin by. Computed exactly as transformers does, in fp32, for bitwise-close
-    parity at positions past 8192."""
+    """Inverse frequencies (head_dim/2,) for short sequences, those for long ones (longrope only, else None), and the
+    factor longrope multiplies cos/sin by. Computed as transformers does, in fp32, for parity past position 8192."""
     d = args.head_dim
     base = args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)    # (head_dim/2,)
     inv_freq = 1.0 / base
@@ -192,9 +114,6 @@ def apply_rope(x, cos, sin):
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Transformer
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -208,8 +127,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args):
+    def __init__(self, args, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx  # this layer's slot in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
@@ -225,37 +145,33 @@ class Attention(nn.Module):
         if cache is not None:
             # Write this step's keys/values at each row's own positions, then attend to every cached key at or
             # before the query's position. The mask comes from positions, never from token values.
-            k, v = cache.write(positions, k, v)                                          # (B, Hkv, S, D)
+            k, v = cache.write(self.layer_idx, positions, k, v)                          # (B, Hkv, S, D)
             mask = torch.arange(k.shape[2], device=x.device) <= positions[:, :, None]    # (B, T, S)
         if mask is None:  # plain causal forward over the whole (right-padded) sequence
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif T == 1:
-            y = decode_attention(q, k, v, mask)
-        else:
-            y = masked_attention(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def masked_attention(q, k, v, mask):
-    """SDPA under a boolean mask (B, T, S): True where query t may attend to key s. On CUDA the fused kernels that
-    take a mask do not take grouped KV heads (SDPA would fall back to its math kernel, which keeps (B, H, T, S)
-    scores), so the KV heads are repeated there first; on CPU the flash kernel takes both."""
-    if q.is_cuda and k.shape[1] != q.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        else:  # mask (B, T, S): True where query t may attend to key s
+            y = decode_attention(q, k, v, mask) if T == 1 else masked_attention(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                          # (B, T, dim)
 
 
 def decode_attention(q, k, v, mask):
-    """One query per row (a decoding step): q (B, H, 1, D), k/v (B, Hkv, S, D), mask (B, 1, S) -> (B, H, 1, D).
-    Same math as SDPA, written as two grouped matmuls: the H/Hkv query heads that share a key/value head are one
-    matrix, so GQA needs no copy of the cache. On CPU this is ~1.3x (fp32) to ~10x (bf16) faster than SDPA's
-    kernels at this shape; softmax in fp32."""
+    """Attention for one query per row: q (B, H, 1, D), k/v (B, Hkv, S, D), mask (B, 1, S) -> (B, H, 1, D). The query
+    heads that share a KV head form one matrix, so GQA needs no copy of the cache; softmax in fp32."""
+    # On CPU ~1.3x (fp32) to ~10x (bf16) faster than SDPA at this shape.
     B, H, _, D = q.shape
     n_kv = k.shape[1]
     q = q.view(B, n_kv, H // n_kv, D)                                       # (B, Hkv, G, D)
     scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5                  # (B, Hkv, G, S)
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
+
+
+def masked_attention(q, k, v, mask):
+    """SDPA under a boolean mask (B, T, S). CUDA's kernels that take a mask take no grouped KV heads, so the KV heads
+    are repeated there; else SDPA would fall back to its math kernel, which holds (B, H, T, S) fp32 scores."""
+    if q.is_cuda and k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -270,10 +186,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args):
+    def __init__(self, args, layer_idx):
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, layer_idx)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
@@ -288,7 +204,7 @@ class Transformer(nn.Module):
         self.args = args
         self.hf_config = hf_config or {}  # the raw config.json, written back unchanged on save
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied models (SmolLM2, Llama 3.2) reuse the embedding as the output layer: no second parameter to tie.
         self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -298,8 +214,8 @@ class Transformer(nn.Module):
     def output_weight(self):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, tokens, positions=None, caches=None, mask=None):
-        """tokens (B, T) -> final-normed hidden states (B, T, dim). With `caches` (a KVCache), keys and values are
+    def hidden_states(self, tokens, positions=None, cache=None, mask=None):
+        """tokens (B, T) -> final-normed hidden states (B, T, dim). With `cache` (a KVCache), keys and values are
         written at `positions` (B, T) and attention covers the cache; with `mask` (B, T, T) bool, token t attends to
         the tokens s where mask[:, t, s] (packed sequences, latro.pack); else a plain causal forward."""
         B, T = tokens.shape
@@ -309,8 +225,7 @@ class Transformer(nn.Module):
             positions = positions.expand(B, T)
         cos, sin = self.rope(positions)
         x = self.embed_tokens(tokens)                                                    # (B, T, dim)
-        for i, layer in enumerate(self.layers):
-            cache = None if caches is None else caches.layer(i)
+        for layer in self.layers:
             if self.checkpoint_layers and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, None, mask, use_reentrant=False)
             else:
@@ -319,12 +234,12 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, positions=None, targets=None, target_mask=None, temperature=1.0, mask=None):
         """Without targets: logits (B, T, V). With targets (B, T) and target_mask (B, T) bool: the fp32 log-prob of
-        targets[b, t] under the logits at position t, where target_mask is set, else 0 - computed chunk by chunk,
+        targets[b, t] under the logits at position t where target_mask is set, else 0 - computed chunk by chunk,
         never as (B, T, V). Scoring lives in forward() so that DDP and FSDP hooks see it. positions and mask: see
         hidden_states."""
-        h = self.hidden_states(tokens, positions, mask=mask)
+        h = self.hidden_states(tokens, positions, mask=mask)                             # (B, T, dim)
         if targets is None:
-            return F.linear(h, self.output_weight())
+            return F.linear(h, self.output_weight())                                     # (B, T, V)
         if target_mask is None:  # every position is a target (the memory plan's worst case: no data to index by)
             B, T = targets.shape
             lp = fused_logprobs(h.flatten(0, 1), self.output_weight(), targets.flatten(), temperature)     # (B*T,)
@@ -334,15 +249,11 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Scoring: log p(target) = logit[target]/tau - logsumexp(logits/tau), chunk by chunk (tau: the temperature)
+# Scoring: log p(target) = logit[target]/tau - logsumexp(logits/tau), chunk by chunk (tau: the temperature)
 
 class FusedLogProbs(torch.autograd.Function):
     """lm_head + fp32 log-softmax + gather for N rows, `chunk` rows at a time. Only (chunk, V) logits exist at
-    once; backward recomputes them instead of saving them. d logp / d logits = (onehot - softmax) / temperature.
-
-    Backward recomputes the logits under the autocast state the forward ran in (what torch.amp.custom_fwd /
-    custom_bwd do, for whichever device the tensors are on): a backward called outside autocast would otherwise
-    recompute fp32 logits for a forward that used bf16 ones, and its gradient would not match its forward."""
+    once; backward recomputes them instead of saving them. d logp / d logits = (onehot - softmax) / temperature."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, chunk):
@@ -358,30 +269,26 @@ class FusedLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            return FusedLogProbs._backward(ctx, grad)
-
-    @staticmethod
-    def _backward(ctx, grad):
         h, weight, targets = ctx.saved_tensors
         tau, chunk = ctx.temperature, ctx.chunk
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for i in range(0, h.shape[0], chunk):
-            hc, g = h[i:i + chunk], grad[i:i + chunk]
-            logits = F.linear(hc, weight)                                               # (c, V) recomputed
-            mm_dtype = logits.dtype                                                     # bf16 under autocast
-            dlogits = logits.float().div_(tau).softmax(-1).mul_(-g[:, None] / tau)  # in place: one fp32 (c, V) buffer
-            del logits
-            dlogits.scatter_add_(1, targets[i:i + chunk, None], g[:, None] / tau)
-            dlogits = dlogits.to(mm_dtype)
-            if grad_h is not None:
-                grad_h[i:i + chunk] = dlogits @ weight                                  # (c, dim)
-            if grad_w is not None:
-                # fp32 accumulation straight from the matmul's output: the (V, dim) product is the only temporary
-                # (no extra .float() copy of it)
-                grad_w += dlogits.t() @ hc                                              # (V, dim)
+        # Recompute under the forward's autocast state (as torch.amp.custom_bwd does): a backward run outside autocast
+        # would otherwise recompute fp32 logits for a forward that used bf16 ones.
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for i in range(0, h.shape[0], chunk):
+                hc, g = h[i:i + chunk], grad[i:i + chunk]
+                logits = F.linear(hc, weight)                                           # (c, V) recomputed
+                mm_dtype = logits.dtype                                                 # bf16 under autocast
+                dlogits = logits.float().div_(tau).softmax(-1).mul_(-g[:, None] / tau)  # in place: one fp32 (c, V)
+                del logits
+                dlogits.scatter_add_(1, targets[i:i + chunk, None], g[:, None] / tau)
+                dlogits = dlogits.to(mm_dtype)
+                if grad_h is not None:
+                    grad_h[i:i + chunk] = dlogits @ weight                              # (c, dim)
+                if grad_w is not None:  # fp32 accumulation straight from the matmul: no extra .float() copy of it
+                    grad_w += dlogits.t() @ hc                                          # (V, dim)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
@@ -420,7 +327,7 @@ def token_logprobs(model, tokens, starts, ends, temperature=1.0, dense=False, po
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Sampling with a KV cache
+# Sampling with a KV cache
 
 def pad_right(rows, device):
     """Token lists -> a (len(rows), longest) long tensor, right-padded with 0. The padding is never read: spans or
@@ -440,35 +347,26 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.length = max_len  # attention reads slots [0, length); generate() narrows it to the longest row
 
-    def layer(self, i):
-        return _LayerCache(self, i)
+    def write(self, layer_idx, positions, k, v):
+        """positions (B, T); k, v (B, Hkv, T, D). Returns the layer's keys/values in slots [0, length)."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        ck, cv = self.k[layer_idx], self.v[layer_idx]
+        ck[rows, :, positions] = k.transpose(1, 2)  # advanced indexing puts (B, T) first: (B, T, Hkv, D)
+        cv[rows, :, positions] = v.transpose(1, 2)
+        return ck[:, :, :self.length], cv[:, :, :self.length]
 
     def select(self, rows):
         """Keeps only the given batch rows (a 1-D index tensor), e.g. to drop finished sequences. Layer by layer, so
-        each old tensor is freed as its copy is made: a list comprehension would hold the whole old cache and the
-        whole new one at once (1.75x the cache when a quarter of the rows leave)."""
+        each old tensor is freed as its copy is made (never the whole old cache and the whole new one at once)."""
         for i in range(len(self.k)):
             self.k[i] = self.k[i].index_select(0, rows)
             self.v[i] = self.v[i].index_select(0, rows)
 
 
-class _LayerCache:
-    def __init__(self, cache, i):
-        self.cache, self.i = cache, i
-
-    def write(self, positions, k, v):
-        """positions (B, T); k, v (B, Hkv, T, D). Returns this layer's keys/values up to cache.length."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        ck, cv = self.cache.k[self.i], self.cache.v[self.i]
-        ck[rows, :, positions] = k.transpose(1, 2)  # advanced indexing puts (B, T) first: (B, T, Hkv, D)
-        cv[rows, :, positions] = v.transpose(1, 2)
-        n = self.cache.length
-        return ck[:, :, :n], cv[:, :, :n]
-
-
 def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, uniforms=None):
     """logits (B, V) fp32 -> next tokens (B,). Temperature 0 is greedy. uniforms: (B, 1) float64 draws in [0, 1)
-    to sample with (generate() makes them from per-prompt generators), or None for torch's global RNG."""
+    to sample with (generate() makes them from per-prompt generators), or None for torch's global RNG. Sampling is
+    by inverse CDF: each row's uniform is looked up in its cumulative distribution."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -480,8 +378,7 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, uniforms=None):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p (>= 1 token)
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    # Inverse-CDF sampling: one uniform per row, found in the cumulative distribution. torch.multinomial draws an
-    # exponential per vocabulary entry instead (~16 ms per step for 16 x 49k on a CPU, more than the attention).
+    # Not torch.multinomial: it costs ~16 ms per step for 16 x 49k on a CPU.
     cdf = logits.softmax(-1).double().cumsum(-1)                                           # (B, V)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) if uniforms is None else uniforms
     # right=True skips tokens of zero probability (flat steps of the cdf). If u * total rounds up to total, the
@@ -500,37 +397,36 @@ def prefill(model, prompts, num_samples, max_new_tokens, round_to=1):
     max_prompt = max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     cache_len = -(-(max_prompt + max_new_tokens) // round_to) * round_to
-    caches = KVCache(model.args, P * K, cache_len, device, model.embed_tokens.weight.dtype)
-    padded = pad_right(prompts, device)
-    per_prompt = KVCache(model.args, P, max_prompt, device, caches.k[0].dtype)
+    cache = KVCache(model.args, P * K, cache_len, device, model.embed_tokens.weight.dtype)
+    per_prompt = KVCache(model.args, P, max_prompt, device, cache.k[0].dtype)
     positions = torch.arange(max_prompt, device=device).expand(P, max_prompt)
-    h = model.hidden_states(padded, positions, per_prompt)                                   # (P, T, dim)
+    h = model.hidden_states(pad_right(prompts, device), positions, per_prompt)              # (P, T, dim)
     last = h[torch.arange(P, device=device), lengths - 1]                                 # (P, dim)
     logits = F.linear(last, model.output_weight()).float().repeat_interleave(K, 0)        # (B, V)
     for i in range(model.args.n_layers):
-        caches.k[i][:, :, :max_prompt] = per_prompt.k[i].repeat_interleave(K, 0)
-        caches.v[i][:, :, :max_prompt] = per_prompt.v[i].repeat_interleave(K, 0)
-    return caches, logits
+        cache.k[i][:, :, :max_prompt] = per_prompt.k[i].repeat_interleave(K, 0)
+        cache.v[i][:, :, :max_prompt] = per_prompt.v[i].repeat_interleave(K, 0)
+    return cache, logits
 
 
-def decode_step(model, tokens, pos, caches, length):
+def decode_step(model, tokens, pos, cache, length):
     """One decoding step: tokens (B,) at positions pos (B,), attending to cache slots [0, length) ->
     logits (B, V) fp32 of the next tokens."""
-    caches.length = length
-    h = model.hidden_states(tokens[:, None], pos[:, None], caches)                        # (B, 1, dim)
+    cache.length = length
+    h = model.hidden_states(tokens[:, None], pos[:, None], cache)                         # (B, 1, dim)
     return F.linear(h[:, 0], model.output_weight()).float()                               # (B, V)
 
 
-def static_decode_step(model, tokens, pos, caches):
+def static_decode_step(model, tokens, pos, cache):
     """decode_step over every row and the whole preallocated cache (masked by position): its shapes never change
-    during a generate() call, so torch.compile captures it once, and CUDA graphs can replay it."""
-    return decode_step(model, tokens, pos, caches, caches.k[0].shape[2])
+    during a generate() call, so torch.compile captures it once."""
+    return decode_step(model, tokens, pos, cache, cache.k[0].shape[2])
 
 
 @functools.cache
 def compiled_decode_step(device_type):
-    """static_decode_step compiled: inductor on CPU; on GPU also CUDA graphs ("reduce-overhead"), which remove the
-    per-kernel launch cost that dominates a small-batch decoding step."""
+    """static_decode_step compiled: inductor on CPU; on GPU with CUDA graphs ("reduce-overhead"), which replay the
+    step's kernels without a launch each."""
     mode = "reduce-overhead" if device_type == "cuda" else None
     return torch.compile(static_decode_step, mode=mode, fullgraph=True, dynamic=False)
 
@@ -547,7 +443,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     only on its seed, not on the rest of the batch. progress: called after every decoding step with keywords done,
     total (decoding steps), rows_finished, rows and tokens (generated so far). compiled: decode with
     compiled_decode_step (fixed shapes: finished rows stay in the batch, masked, instead of leaving it); the same
-    tokens as the eager path, which stays the readable default.
+    tokens as the eager path.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -568,9 +464,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     B = P * K
     # compiled: the cache length rounded up to 256, so batches whose prompts differ a little in length share one
     # compiled graph (a new shape means a new compilation)
-    caches, logits = prefill(model, prompts, K, max_new_tokens, round_to=256 if compiled else 1)  # logits (B, V)
+    cache, logits = prefill(model, prompts, K, max_new_tokens, round_to=256 if compiled else 1)   # logits (B, V)
     if compiled and device.type == "cuda":
-        for t in caches.k + caches.v:  # written in place by the graph: CUDA graphs need them at fixed addresses
+        for t in cache.k + cache.v:  # written in place by the graph: CUDA graphs need them at fixed addresses
             torch._dynamo.mark_static_address(t)
     pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(K)    # (B,) next positions
     prompt_len = [len(prompts[b // K]) for b in range(B)]
@@ -602,18 +498,96 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
             # Drop finished rows once a quarter of the batch has finished: later steps compute only live rows.
             # (Compacting copies the cache, so it is done in a few big steps rather than at every finish.)
             idx = torch.tensor(keep, device=device)
-            caches.select(idx)
+            cache.select(idx)
             tokens, pos, rows = tokens[idx], pos[idx], [rows[j] for j in keep]
         if compiled:  # fixed shapes: every row decodes every step; a finished row's tokens are ignored above
-            logits = compiled_decode_step(device.type)(model, tokens, pos, caches)
+            logits = compiled_decode_step(device.type)(model, tokens, pos, cache)
         else:  # attend only to slots some row has filled: row b has written its prompt and `step` sampled tokens
-            logits = decode_step(model, tokens, pos, caches, max(prompt_len[b] for b in rows) + step + 1)
+            logits = decode_step(model, tokens, pos, cache, max(prompt_len[b] for b in rows) + step + 1)
         pos = pos + 1
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Tokenizer
+# LoRA: PEFT's parametrisation and parameter names, so adapters move between this code and PEFT unchanged
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """base_layer(x) + lora_B(lora_A(dropout(x))) * alpha / r, base_layer frozen. lora_A starts kaiming-uniform and
+    lora_B at zero (as in PEFT), so a fresh adapter changes nothing. The adapters are fp32 master weights; under
+    autocast their matmuls run in the autocast dtype, else in fp32 with the sum cast back to the base's dtype."""
+
+    def __init__(self, base_layer, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base_layer, self.r, self.alpha, self.scaling = base_layer.requires_grad_(False), r, alpha, alpha / r
+        self.enabled = True  # False: exactly base_layer (adapters_disabled)
+        self.lora_dropout = nn.Dropout(dropout)
+        like = dict(bias=False, device=base_layer.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base_layer.in_features, r, **like)        # weight (r, in)
+        self.lora_B = nn.Linear(r, base_layer.out_features, **like)       # weight (out, r)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if not self.enabled:
+            return y
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        return (y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(y.dtype)
+
+
+def add_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Wraps the `targets` projections of every block in a LoRALinear of rank r (scaling alpha / r) and freezes every
+    other parameter, so that only lora_A and lora_B train. Returns model."""
+    if model.args.model_type == "phi3":  # PEFT's adapters for it sit on the fused qkv_proj and gate_up_proj
+        raise ValueError("add_lora: phi3 is not supported (its checkpoint fuses q/k/v and gate/up projections)")
+    if not set(targets) <= set(LORA_TARGETS) or not targets or not (isinstance(r, int) and r > 0):
+        raise ValueError(f"add_lora: expected r >= 1 and targets among {', '.join(LORA_TARGETS)}; got r={r!r}, "
+                         f"targets={list(targets)!r}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("add_lora: the model already has LoRA adapters")
+    model.requires_grad_(False)
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if name in targets:
+                    setattr(parent, name, LoRALinear(child, r, alpha, dropout))
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Inside the block the model computes exactly its base model (pi_ref, with no second copy of the weights). Use it
+    without gradients: activation checkpointing would recompute a backward with the adapters on again."""
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.enabled for m in lora]
+    for m in lora:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(lora, before):
+            m.enabled = enabled
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Folds each adapter into its base weight, W + B @ A * scaling computed in fp32 and stored in W's dtype, and puts
+    the plain nn.Linear back: the result is a plain model (every parameter trainable) that save() writes."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                w = child.base_layer.weight
+                w.copy_(w.float() + child.lora_B.weight.float() @ child.lora_A.weight.float() * child.scaling)
+                setattr(parent, name, child.base_layer)
+    return model.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
 
 def _token_text(tok):
     return tok.get("content") if isinstance(tok, dict) else tok  # special tokens may be serialised AddedTokens
@@ -717,11 +691,80 @@ def _compile_template(source):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Loading and saving (safetensors only; nothing is ever unpickled)
+# Hugging Face I/O: config.json, hub downloads, loading and saving (safetensors only; nothing is ever unpickled)
 
+ALIASES = {  # short names for the paper's models and CPU-sized ones
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
+    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
+    "phi-3.5-mini": "microsoft/Phi-3.5-mini-instruct",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+}
+SUPPORTED_TYPES = ("llama", "mistral", "phi3", "qwen2")
+ROPE_FIELDS = {  # the rope types we support, and the fields each needs
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+}
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja", "model*.safetensors", "model.safetensors.index.json"]
 # "model*": the HF-layout weights only. Mistral-7B-Instruct-v0.3 also ships its 14 GB consolidated.safetensors.
+
+
+def from_hf_config(hf_config, source="config.json"):
+    """ModelArgs from a Hugging Face config.json dict. Fails with one line naming the field for anything we would
+    silently get wrong."""
+    get = hf_config.get
+    mt = get("model_type")
+    if mt not in SUPPORTED_TYPES:
+        raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+    if get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {get('hidden_act')!r} is not supported (expected 'silu')")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(get(key), int):
+            raise ValueError(f"{source}: field {key!r} must be an integer, got {get(key)!r}")
+    n_heads, max_pos = get("num_attention_heads"), get("max_position_embeddings", 4096)
+    # A sliding window changes attention only for sequences longer than the window. (Qwen2 configs carry a
+    # window that use_sliding_window switches off.)
+    window = get("sliding_window") if mt != "qwen2" or get("use_sliding_window") else None
+    if window is not None and window < max_pos:
+        raise ValueError(f"{source}: sliding_window={window} < max_position_embeddings={max_pos} is not "
+                         f"supported (only full attention; expected sliding_window null or >= {max_pos})")
+    rope_theta, scaling = _rope_config(hf_config, source)
+    partial = get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (expected 1.0)")
+    attention_bias = bool(get("attention_bias", False))
+    return ModelArgs(
+        model_type=mt, vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
+        n_heads=n_heads, n_kv_heads=get("num_key_value_heads") or n_heads,
+        head_dim=get("head_dim") or get("hidden_size") // n_heads, ffn_dim=get("intermediate_size"),
+        norm_eps=get("rms_norm_eps", 1e-5), tie_embeddings=bool(get("tie_word_embeddings", False)),
+        qkv_bias=mt == "qwen2" or attention_bias, o_bias=mt != "qwen2" and attention_bias,
+        mlp_bias=bool(get("mlp_bias", False)), max_seq_len=max_pos, rope_theta=rope_theta,
+        rope_scaling=scaling, eos_token_ids=_as_list(get("eos_token_id")),
+    )
+
+
+def _rope_config(hf_config, source):
+    """RoPE settings from either the classic keys (rope_theta, rope_scaling) or the newer rope_parameters."""
+    scaling = {**(hf_config.get("rope_scaling") or {}), **(hf_config.get("rope_parameters") or {})}
+    theta = scaling.pop("rope_theta", None) or hf_config.get("rope_theta") or 10000.0
+    kind = scaling.pop("rope_type", scaling.pop("type", None)) or "default"  # "type": the older key; drop both
+    if kind not in ROPE_FIELDS:
+        raise ValueError(f"{source}: rope type {kind!r} is not supported (supported: {', '.join(ROPE_FIELDS)})")
+    if kind == "longrope":  # Phi-3 configs keep the original context length at the top level
+        scaling.setdefault("original_max_position_embeddings", hf_config.get("original_max_position_embeddings"))
+    for key in ROPE_FIELDS[kind]:
+        if scaling.get(key) is None:
+            raise ValueError(f"{source}: {kind} rope scaling needs field {key!r}")
+    return float(theta), ({} if kind == "default" else {"rope_type": kind, **scaling})
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def _read_json(path, default=None):
@@ -768,7 +811,7 @@ def resolve(name_or_path):
                          f"not in the local cache ({type(online_error).__name__}: {reason})") from None
 
 
-def _checkpoint_files(directory):
+def _weight_files(directory):
     """The safetensors files of a checkpoint: the shards its index lists, or the single model.safetensors."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -814,22 +857,33 @@ def _ours_to_hf(state, args):
     return {_hf_key(name): t.contiguous() for name, t in state.items()}
 
 
-def _read_checkpoint(directory, args, device, dtype):
+def _safetensors(path, device):
+    """(key, tensor) for each tensor of a safetensors file. Float weights only: a quantized checkpoint is refused here
+    rather than cast to float."""
+    from safetensors import safe_open
+    try:
+        f = safe_open(path, framework="pt", device=str(device))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (listed in model.safetensors.index.json)") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a readable safetensors file ({msg})") from None
+    with f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                raise ValueError(f"{path}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; expected float "
+                                 "weights (float32, bfloat16 or float16; quantized checkpoints are not supported)")
+            yield key, t
+
+
+def _read_weights(directory, args, device, dtype):
     """Every tensor of the checkpoint in `dtype` on `device`, under our parameter names. Names and shapes are not
     checked here: load_state_dict does that (_assign)."""
-    from safetensors import safe_open
     state = {}
-    for path in _checkpoint_files(directory):
-        try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    for name, t in _hf_to_ours(key, f.get_tensor(key), args).items():
-                        state[name] = t.to(dtype)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: missing (listed in model.safetensors.index.json)") from None
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            msg = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"{path}: not a readable safetensors file ({msg})") from None
+    for path in _weight_files(directory):
+        for key, t in _safetensors(path, device):
+            state.update({name: part.to(dtype) for name, part in _hf_to_ours(key, t, args).items()})
     if args.tie_embeddings:
         state.pop("lm_head.weight", None)  # some tied checkpoints also store the copy; we have no lm_head
     return state
@@ -866,12 +920,20 @@ def resolve_dtype(flag, device):
 
 
 def load(name_or_path, device=None, dtype=None):
-    """Loads a model and its tokenizer from a local HF directory, a hub id, or an alias in ALIASES.
-    dtype defaults to bfloat16 on GPU and float32 on CPU. Returns (model in eval mode, tokenizer)."""
+    """Loads a model and its tokenizer from a local HF directory, a hub id, an alias in ALIASES, or a LoRA adapter
+    directory (PEFT's layout: its base model, base_model_name_or_path, with the adapters added). dtype defaults to
+    bfloat16 on GPU and float32 on CPU. Returns (model in eval mode, tokenizer)."""
+    adapter_config = os.path.join(name_or_path, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        base = _read_json(adapter_config).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter_config}: no base_model_name_or_path (the model the adapter was trained on)")
+        model, tokenizer = load(base, device, dtype)
+        return load_adapter(model, name_or_path).eval(), tokenizer
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, tokenizer, directory = build_on_meta(name_or_path)
-    _assign(model, _read_checkpoint(directory, model.args, device, dtype), directory)
+    _assign(model, _read_weights(directory, model.args, device, dtype), directory)
     model.rope.reset(device)  # RoPE's tables are non-persistent buffers: not in the checkpoint, still on meta
     return model.eval(), tokenizer
 
@@ -900,11 +962,24 @@ def read_state(directory, model, device, dtype):
     """The checkpoint as a state dict with `model`'s parameter names, in `dtype` on `device`, for a model that cannot
     take the tensors itself (train.py: FSDP-sharded; rank 0 reads, then broadcasts). Checked as load() checks: a
     meta-device twin built from model.args takes them, so PyTorch checks every name and shape."""
-    state = _read_checkpoint(directory, model.args, device, dtype)
+    state = _read_weights(directory, model.args, device, dtype)
     with torch.device("meta"):
         twin = Transformer(model.args)
     _assign(twin, state, directory)
     return state
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir):
+    """Yields a temporary directory that replaces out_dir once the block has filled it."""
+    tmp, old = (f"{out_dir.rstrip('/')}.{kind}-{os.getpid()}" for kind in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    yield tmp
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
@@ -912,41 +987,89 @@ def save(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=5 * 2**30):
     vLLM load the result unchanged. Atomic: files go to a temporary directory that replaces out_dir at the end.
     state_dict: a full state dict to write instead of model.state_dict() (FSDP gathers one)."""
     from safetensors.torch import save_file
-    state = _ours_to_hf(state_dict if state_dict is not None else model.state_dict(), model.args)
-    dtype = next(iter(state.values())).dtype
-    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    shards, current, size = [], {}, 0
+    state = state_dict if state_dict is not None else model.state_dict()
+    if any(".lora_" in name for name in state):
+        raise ValueError("save: the model has LoRA adapters: merge_lora(model) first, or save_adapter() them")
+    state = _ours_to_hf(state, model.args)
+    hf_config = dict(model.hf_config)
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    hf_config["torch_dtype"] = hf_config["dtype"] = dtype  # the older and the newer key
+    shards, size = [{}], 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name], size = t.detach().cpu(), size + nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name], size = t.detach().cpu(), size + nbytes
+    with _atomic_dir(out_dir) as tmp:
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for fname, shard in zip(names, shards):
             save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    hf_config = dict(model.hf_config)
-    hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype).removeprefix("torch.")  # older and newer key
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    for name in Tokenizer.FILES:
-        src = os.path.join(tokenizer.directory, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(tmp, name))
-    old = f"{out_dir.rstrip('/')}.old-{os.getpid()}"
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        for name in Tokenizer.FILES:
+            if os.path.isfile(os.path.join(tokenizer.directory, name)):
+                shutil.copyfile(os.path.join(tokenizer.directory, name), os.path.join(tmp, name))
     return out_dir
+
+
+def save_adapter(model, out_dir, base_model_name_or_path, state_dict=None):
+    """Writes the model's LoRA adapters in PEFT's layout (adapter_config.json, adapter_model.safetensors), which
+    PeftModel.from_pretrained, load_adapter and load read. Atomic, like save(). state_dict: a full state dict to take
+    the adapters from instead of model.state_dict() (FSDP gathers one)."""
+    from safetensors.torch import save_file
+    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not lora:
+        raise ValueError("save_adapter: the model has no LoRA adapters (add_lora)")
+    first = next(iter(lora.values()))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+              "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.lora_dropout.p,
+              "target_modules": sorted({name.rsplit(".", 1)[-1] for name in lora}), "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+              "use_dora": False, "modules_to_save": None, "layers_to_transform": None}
+    state = state_dict if state_dict is not None else model.state_dict()
+    adapters = {"base_model.model.model." + name: t.detach().cpu().contiguous()   # PEFT's keys: no adapter name
+                for name, t in state.items() if ".lora_" in name}
+    with _atomic_dir(out_dir) as tmp:
+        save_file(adapters, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    return out_dir
+
+
+def load_adapter(model, adapter_dir):
+    """Adds the LoRA adapters of adapter_dir (PEFT's layout, from save_adapter or PEFT's save_pretrained) to model,
+    on the device of its weights. Returns model."""
+    config_path, weights = (os.path.join(adapter_dir, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
+    for path in (config_path, weights):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing (expected a PEFT LoRA adapter directory; .bin adapters are not "
+                                    "loaded because they would be unpickled)")
+    config = _read_json(config_path)
+    targets = config.get("target_modules")
+    plain_lora = {"peft_type": config.get("peft_type") == "LORA", "bias": config.get("bias", "none") == "none",
+                  "target_modules": isinstance(targets, list) and set(targets) <= set(LORA_TARGETS)}
+    changes = ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+               "layers_to_transform", "modules_to_save")  # PEFT options that change the math or what is adapted
+    bad = [k for k, ok in plain_lora.items() if not ok] + [k for k in changes if config.get(k)]
+    if bad:
+        raise ValueError(f"{config_path}: {bad[0]}={config.get(bad[0])!r} is not supported (plain LoRA on "
+                         f"{', '.join(LORA_TARGETS)} only)")
+    add_lora(model, config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0), targets)
+    params = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    device = next(iter(params.values())).device
+    state = {key.removeprefix("base_model.model.model."): t for key, t in _safetensors(weights, device)}
+    shape = lambda t: "absent" if t is None else tuple(t.shape)  # noqa: E731
+    for name in sorted(params.keys() | state.keys()):
+        if shape(params.get(name)) != shape(state.get(name)):
+            raise ValueError(f"{weights}: tensor 'base_model.model.model.{name}' is {shape(state.get(name))} here but "
+                             f"{shape(params.get(name))} in the model (r={config['r']}, target_modules={targets})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
+    return model

@@ -707,6 +707,19 @@ def test_load_sharded_checkpoint(tmp_path):
     assert_parity(str(d), random_tokens(tokenizer_ids(src)["vocab_size"], 2, 20, seed=13))
 
 
+def test_save_in_shards_then_transformers_loads_same_model(tmp_path, tiny_phi3_dir):
+    model, tok = load(tiny_phi3_dir, dtype=torch.float32)
+    out = tmp_path / "sharded"
+    save(model, tok, str(out), max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert not (out / "model.safetensors").exists()
+    assert set(index["weight_map"]) == _safetensors_keys(tiny_phi3_dir)  # fused qkv / gate_up again
+    tokens = random_tokens(model.args.vocab_size, 2, 40, seed=14)
+    assert max_diff(hf_logits(hf_model(out), tokens), our_logits(model, tokens)) <= ATOL
+
+
 # --------------------------------------------------------------------------------------
 # 5. tokenizer
 # --------------------------------------------------------------------------------------
@@ -892,6 +905,21 @@ def test_error_wrong_tensor_shape(broken_dir):
     with pytest.raises(ERRORS) as e:
         load(str(broken_dir))
     one_line_error(e, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.float8_e4m3fn])
+def test_error_quantized_tensor(broken_dir, dtype):
+    """A quantized checkpoint (an int8 q_proj, or fp8) is refused, not silently cast to float."""
+    path = broken_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].clamp(-1, 1).mul(100).to(dtype)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        load(str(broken_dir))
+    one_line_error(e, name)
+    assert str(e.value) == (f"{path}: tensor {name!r} is {str(dtype).removeprefix('torch.')}; expected float weights "
+                            "(float32, bfloat16 or float16; quantized checkpoints are not supported)")
 
 
 def test_error_missing_tensor(broken_dir):
