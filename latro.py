@@ -72,6 +72,7 @@ class LatroConfig:
     micro_batch_size: int = 4          # rollout rows per scoring forward / backward (packed: see pack)
     reward_kind: str = "self"          # "self": R = log pi(y|x,z) (LaTRO); "exact": R = 1[stated answer == gold]
     compiled: bool = False             # sample with the compiled fixed-shape decoding step (model.generate)
+    sample_questions: int = 0          # questions per generate() call, 0 = all: bounds the KV cache, same samples
 
     def __post_init__(self):
         if self.reward_kind not in ("self", "exact"):
@@ -142,11 +143,14 @@ def sample(policy, tokenizer, prompts, answers, cfg, seeds=None, progress=None):
     prompts: list of token lists (chat-templated questions x); answers: the answer-template texts
     ("The answer is 18."). seeds: one per question (sampling then depends only on the question's own seed).
     progress: optional callable("sample", **counts) after each decoding step (see model.generate)."""
-    K, device, eos = cfg.num_samples, policy_device(policy), set(tokenizer.eos_ids)
+    K, device, eos = cfg.num_samples, next(policy.parameters()).device, set(tokenizer.eos_ids)
     stop_strings = cfg.stop_strings if cfg.reward_kind == "self" else ()  # "exact" reads the answer z itself states
-    samples = generate(policy, prompts, cfg.max_rationale_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
-                       stop=sorted(eos) + list(stop_strings), num_samples=K, seed=seeds, tokenizer=tokenizer,
-                       progress=progress and (lambda **c: progress("sample", **c)), compiled=cfg.compiled)
+    chunk, samples = cfg.sample_questions or len(prompts), []
+    for i in range(0, len(prompts), chunk):  # a question's samples depend on its seed alone: chunks change nothing
+        samples += generate(policy, prompts[i:i + chunk], cfg.max_rationale_tokens, cfg.temperature, cfg.top_p,
+                            cfg.top_k, stop=sorted(eos) + list(stop_strings), num_samples=K,
+                            seed=seeds and seeds[i:i + chunk], tokenizer=tokenizer, compiled=cfg.compiled,
+                            progress=progress and (lambda **c: progress("sample", **c)))
     # y = the answer template + end-of-turn, tokenised on its own and appended after the cut rationale
     answer_ids = [tokenizer.encode(a, add_special_tokens=False) + [tokenizer.eot_id] for a in answers]
     rows, spans, stopped, texts = [], [], [], []
@@ -160,10 +164,6 @@ def sample(policy, tokenizer, prompts, answers, cfg, seeds=None, progress=None):
     prompt_end, rationale_end, answer_end = torch.tensor(spans, device=device).unbind(1)
     return Rollout(pad_right(rows, device), prompt_end, rationale_end, answer_end, torch.tensor(stopped, device=device),
                    texts, sum(len(s) for s in samples))
-
-
-def policy_device(model):
-    return next(model.parameters()).device
 
 
 # --------------------------------------------------------------------------------------------------------------

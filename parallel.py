@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-from model import build_on_meta, load, read_state
+from model import add_lora, adapters_disabled, build_on_meta, load, load_adapter, read_state
 
 # --------------------------------------------------------------------------------------------------------------
 # Processes: one per device, started by torchrun (WORLD_SIZE, RANK, LOCAL_RANK) or a single plain process
@@ -306,17 +306,25 @@ def load_sharded(source, device, dtype, wrap):
 
 
 def build_models(policy_source, reference_source, device, world, compute_dtype, sharded, checkpointing, build=None,
-                 mesh=None):
+                 mesh=None, lora=None, adapter=None):
     """-> (policy, sampler, reference). policy: fp32 master weights, DDP-wrapped when world > 1 or FSDP2-sharded;
     sampler: a compute-dtype copy that generates and scores without grad (the policy itself in fp32 unsharded);
     reference: the frozen pi_ref in the compute dtype, sharded like the policy. build(source, dtype, wrap) makes one
     wrapped model: by default from its checkpoint (each rank loading only its shards when sharded); the memory plan
-    passes one that builds fake tensors (and its mesh, built outside fake mode)."""
+    passes one that builds fake tensors (and its mesh, built outside fake mode).
+    lora = (r, alpha, dropout): one model instead of three. Its frozen base, in the compute dtype, gets rank-r
+    adapters with fp32 master weights (or those of `adapter`, a checkpoint); it samples with its adapters on, and
+    with them off it is pi_ref, for no second copy of the weights."""
     mesh = mesh or (device_mesh(device.type, world) if sharded else None)
     if build is None:
         def build(source, dtype, wrap):
             return load_sharded(source, device, dtype, wrap) if wrap is not None and sharded else \
                 (wrap or (lambda m: m))(load(source, device=device, dtype=dtype)[0])
+    if lora:
+        model = build(reference_source, compute_dtype, None)
+        model = load_adapter(model, adapter) if adapter else add_lora(model, *lora)
+        model.checkpoint_layers = checkpointing
+        return wrap_policy(model, None, compute_dtype, world, device), model, AdaptersOff(model)
     sampler = None
     if compute_dtype != torch.float32 or sharded:
         sampler = build(policy_source, compute_dtype, None).requires_grad_(False).eval()
@@ -324,6 +332,17 @@ def build_models(policy_source, reference_source, device, world, compute_dtype, 
     reference = build(reference_source, compute_dtype, lambda m: wrap_reference(m, mesh)).requires_grad_(False)
     unwrap(policy).checkpoint_layers = checkpointing
     return policy, sampler if sampler is not None else unwrap(policy), reference.eval()
+
+
+class AdaptersOff:
+    """pi_ref under LoRA: the LoRA model's own forward with its adapters switched off (model.adapters_disabled)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
 
 
 def autocast(device, compute_dtype, sharded):

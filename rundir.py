@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import data
-from model import save
+from model import ALIASES, save, save_adapter
 import parallel
 from parallel import first_error, unwrap
 
@@ -36,7 +36,7 @@ CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 # then recorded in trainer_state.json).
 RECIPE = ("dataset", "split", "limit", "method", "steps", "questions_per_step", "num_samples", "lr", "warmup_steps",
           "weight_decay", "grad_clip", "beta", "answer_weight", "max_rationale_tokens", "temperature", "top_p",
-          "top_k", "no_nonstop_penalty", "penalty_factor", "seed", "reward")
+          "top_k", "no_nonstop_penalty", "penalty_factor", "seed", "reward", "lora", "lora_alpha", "lora_dropout")
 # Flags that belong to one invocation, never restored from the checkpoint.
 PER_INVOCATION = ("resume", "out", "overwrite", "device", "explicit", "allow_recipe_change", "model", "plan", "nproc",
                   "gpu_memory", "no_plan", "plan_prompt_tokens", "pins", "recipe_changes")
@@ -220,6 +220,16 @@ def optimizer_tensors(optimizer, policy):
     return out
 
 
+def base_model_name(args):
+    """How an adapter names its base model: a local directory resolved, a named model by its hub id."""
+    return args.pins["base_model_path"] if os.path.isdir(args.model) else ALIASES.get(args.model, args.model)
+
+
+def trainable(policy):
+    """(name, parameter) of what the optimizer holds: every parameter, or under LoRA the adapters alone."""
+    return [(n, p) for n, p in unwrap(policy).named_parameters() if p.requires_grad]
+
+
 def full_state_dict(policy, sharded):
     if not sharded:
         return {k: v.detach() for k, v in unwrap(policy).state_dict().items()}
@@ -241,7 +251,9 @@ def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharde
     opt_name = f"optimizer-rank{rank}.safetensors" if sharded else "optimizer.safetensors"
     error = None
     try:
-        if rank == 0:
+        if rank == 0 and args.lora:  # the adapters in PEFT's layout, which PEFT and vLLM load on the base model
+            save_adapter(unwrap(policy), tmp, base_model_name(args), state_dict=state)
+        elif rank == 0:
             # save() reads config and args off a module: under FSDP the policy is sharded, the sampler copy is whole
             save(sampler if sharded else unwrap(policy), tokenizer, tmp, state_dict=state)
         else:
@@ -415,7 +427,7 @@ def load_optimizer_tensors(optimizer, policy, tensors, sharded):
     (uneven dimensions included) from rank 0's copy; `tensors` may be empty on other ranks. optimizer.load_state_dict
     then puts `step` where this optimizer keeps it (on the device for fused AdamW, on the CPU otherwise)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    names = [n for n, _ in unwrap(policy).named_parameters()]
+    names = [n for n, _ in trainable(policy)]
     state = {n: {k: tensors[f"{n}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")} for n in names} if tensors else {}
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
     osd = {"state": state, "param_groups": [{**group, "params": names}]}
@@ -429,7 +441,7 @@ def load_training_state(checkpoint, state, policy, optimizer, sharded, rank, wor
     tensors, error = {}, None
     if rank == 0 or not sharded:
         try:
-            shapes = [(n, p.shape) for n, p in unwrap(policy).named_parameters()]
+            shapes = [(n, p.shape) for n, p in trainable(policy)]
             tensors = read_optimizer_tensors(checkpoint, state, shapes)
         except (ValueError, FileNotFoundError) as e:
             error = str(e)

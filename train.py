@@ -35,7 +35,7 @@ import eval as evaluation
 import latro
 import parallel
 import rundir
-from model import ALIASES, build_on_meta, load, pad_right, resolve_dtype, token_logprobs
+from model import ALIASES, build_on_meta, load, merge_lora, pad_right, resolve_dtype, save, token_logprobs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -60,12 +60,14 @@ def train_loop(args, run, start):
         prompts = [run.prompt(i) for i in ids]
         progress = StepProgress(step + 1) if rank == 0 else None
         if args.method == "latro":
+            sampler.eval()  # no dropout while sampling and scoring (under LoRA the sampler is the policy)
             ro = latro.sample(sampler, tokenizer, prompts, [e.answer_text for e in batch], cfg,           # z ~ pi
                               seeds=[question_seed(args.seed, step, i) for i in ids], progress=progress)
             t_sample = time.time()
             correct = stated_answer_correct(batch, ro.rationales, cfg.num_samples)  # logged; "exact"'s reward
             terms = latro.compute_advantages(sampler, reference, ro, cfg, correct, progress)  # R, KL, RLOO A
             t_score = time.time()
+            policy.train()
             with run.autocast:
                 losses = latro.backward_on_rollout(policy, ro, terms.advantages, cfg, run.before_forward, progress)
             m = rollout_metrics(ro, terms, correct) | losses | {
@@ -281,10 +283,12 @@ def setup(args, run, inputs, resume_state):
     run.sharded, memory = memory_plan(args, run.rank, run.world, compute_dtype, gpu_memory)   # before loading
     run.policy, run.sampler, run.reference = parallel.build_models(
         args.resume or args.model, args.model, run.device, run.world, compute_dtype, run.sharded,
-        parallel.checkpointing_on(args, run.sharded))
+        parallel.checkpointing_on(args, run.sharded), lora=args.lora and (args.lora, args.lora_alpha,
+                                                                          args.lora_dropout),
+        adapter=args.lora and args.resume)
     run.tokenizer = inputs[2]
-    run.optimizer = torch.optim.AdamW(run.policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                                      weight_decay=args.weight_decay, fused=not run.sharded)
+    run.optimizer = torch.optim.AdamW([p for _, p in rundir.trainable(run.policy)], lr=args.lr, betas=(0.9, 0.999),
+                                      eps=1e-8, weight_decay=args.weight_decay, fused=not run.sharded)
     if resume_state:
         rundir.load_training_state(args.resume, resume_state, run.policy, run.optimizer, run.sharded, run.rank,
                                    run.world)
@@ -292,7 +296,8 @@ def setup(args, run, inputs, resume_state):
         num_samples=args.num_samples, beta=args.beta, answer_weight=args.answer_weight,
         max_rationale_tokens=args.max_rationale_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, nonstop_penalty=not args.no_nonstop_penalty, penalty_factor=args.penalty_factor,
-        micro_batch_size=args.micro_batch_size, reward_kind=args.reward, compiled=args.compile)
+        micro_batch_size=args.micro_batch_size, reward_kind=args.reward, compiled=args.compile,
+        sample_questions=args.sample_questions)
     run.autocast = parallel.autocast(run.device, compute_dtype, run.sharded)
     run.before_forward = parallel.grad_sync(run.policy)
     prompts = {}
@@ -317,7 +322,7 @@ def memory_plan(args, rank, world, compute_dtype, gpu_memory):
     """-> (sharded, the preflight's summary of the plan). --fsdp on/off as given; auto asks the memory plan
     (tools/plan.py) whether a replica fits, when there is a GPU's memory to plan against."""
     if gpu_memory is None:  # a CPU run: nothing to plan against
-        return world > 1 and args.fsdp == "on", "no memory plan (CPU)"
+        return world > 1 and args.fsdp == "on" and not args.lora, "no memory plan (CPU)"
     from tools import plan  # a tool, imported only for a GPU run
     sharded, _ = plan.choose_sharding(args, world, gpu_memory, compute_dtype)
     return sharded, plan.preflight_plan(args, rank, world, compute_dtype, sharded, gpu_memory)
@@ -416,7 +421,9 @@ RANGES = {"--steps": P, "--questions-per-step": P, "--num-samples": (lambda v: v
           "--warmup-steps": N, "--weight-decay": N, "--grad-clip": N, "--beta": N, "--answer-weight": N,
           "--temperature": (lambda v: v > 0, "> 0 (rationales are sampled)"), "--top-p": U, "--top-k": N,
           "--penalty-factor": N, "--save-every": N, "--keep-last": N, "--eval-every": N, "--seed": N,
-          "--nproc": P, "--gpu-memory": (lambda v: v > 0, "GiB > 0"), "--plan-prompt-tokens": P}
+          "--nproc": P, "--gpu-memory": (lambda v: v > 0, "GiB > 0"), "--plan-prompt-tokens": P, "--lora": N,
+          "--lora-alpha": (lambda v: v > 0, "> 0"), "--lora-dropout": (lambda v: 0 <= v < 1, "0 <= p < 1"),
+          "--sample-questions": N}
 
 
 def parse_args(argv=None):
@@ -447,6 +454,14 @@ def parse_args(argv=None):
     add("--top-k", type=int, default=0)
     add("--no-nonstop-penalty", action="store_true", help="do not penalise rationales that never stop")
     add("--penalty-factor", type=float, default=2.0, help="gamma: R := gamma * batch-mean R if not stopped")
+    add("--lora", type=int, default=0, help="rank of LoRA adapters on every attention and MLP projection (the "
+        "frozen base is pi_ref, in the compute dtype); 0 = full fine-tuning, the paper's recipe")
+    add("--lora-alpha", type=float, default=None, help="LoRA scaling alpha / r (PEFT's lora_alpha; default 2r)")
+    add("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (PEFT's lora_dropout)")
+    add("--merge-lora", nargs=2, metavar=("ADAPTER", "OUT"), help="write an adapter checkpoint merged into its base "
+        "model, in the Hugging Face layout, and exit")
+    add("--sample-questions", type=int, default=0, help="questions per sampling call (0 = all of a rank's): bounds "
+        "the KV cache; the samples are the same")
     add("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="compute dtype (master weights are "
         "always fp32); auto = bf16 on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     add("--compile", action="store_true", help="sample with the torch.compile'd decoding step (CUDA graphs on GPU)")
@@ -521,6 +536,8 @@ def fill_defaults(args):
         args.test_limit = 0  # the recipe's test report needs a chosen checkpoint and a named test split
     args.steps = args.steps if args.steps is not None else preset["steps"][task]
     args.beta = args.beta if args.beta is not None else BETA[task]
+    if args.lora and args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora
     if args.answer_weight is None:  # the verifiable-reward baseline trains on its reward alone, as GRPO/RLOO do
         args.answer_weight = 0.0 if args.reward == "exact" else preset["answer_weight"]
     args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume
@@ -533,6 +550,9 @@ def check_args(args, world):
     parallel.check_flags(args, RANGES if args.method == "latro" else {**RANGES, "--num-samples": N})
     if args.questions_per_step % world:
         raise ValueError(f"--questions-per-step {args.questions_per_step} is not divisible by the world size {world}")
+    if args.lora and args.fsdp == "on":
+        raise ValueError("--lora with --fsdp on: LoRA runs replicated (DDP); its frozen base needs no sharded master "
+                         "weights, gradients or optimizer state (python train.py --plan --lora R shows the memory)")
     if args.fsdp == "on" and world == 1:
         raise ValueError("--fsdp on: sharding needs several ranks (torchrun --nproc_per_node N train.py ...); "
                          "in one process use --fsdp off")
@@ -567,7 +587,9 @@ def accuracy_text(summary, label):
 
 def print_preflight(args, run, compute_dtype, memory):
     n_params = sum(p.numel() for p in parallel.unwrap(run.policy).parameters())
-    print(f"preflight | model {args.model} | {n_params / 1e6:.1f}M params | world {run.world} | "
+    lora = f"LoRA r={args.lora}, {sum(p.numel() for _, p in rundir.trainable(run.policy)) / 1e6:.2f}M trained | " \
+        if args.lora else ""
+    print(f"preflight | model {args.model} | {n_params / 1e6:.1f}M params | {lora}world {run.world} | "
           f"{'FSDP2' if run.sharded else 'DDP' if run.world > 1 else 'single'} | compute {str(compute_dtype)[6:]} | "
           f"activation checkpointing {'on' if parallel.checkpointing_on(args, run.sharded) else 'off'} | "
           f"{args.recipe} recipe | {memory} | {len(run.examples)} questions | "
@@ -637,10 +659,21 @@ class StepProgress:
             self.stream.flush()
 
 
+def merge_adapter(adapter, out, dtype="auto"):
+    """--merge-lora: an adapter checkpoint folded into its base model (model.merge_lora), saved in the Hugging Face
+    layout (fp32 math; bf16 weights with --dtype bfloat16)."""
+    model, tokenizer = load(adapter, device="cpu", dtype=torch.float32)
+    merged = merge_lora(model)
+    save(merged.to(torch.bfloat16) if dtype == "bfloat16" else merged, tokenizer, out)
+    print(f"merged {adapter} into its base model: {out}", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.plan:  # the memory plan of the run these flags describe, simulated on the CPU
+        if args.merge_lora:
+            merge_adapter(*args.merge_lora, dtype=args.dtype)
+        elif args.plan:  # the memory plan of the run these flags describe, simulated on the CPU
             from tools import plan  # a tool, imported only when asked for
             fill_defaults(args)
             world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))

@@ -134,12 +134,23 @@ def make_prompts(tok, questions):
             for q in questions]
 
 
-@pytest.mark.parametrize("style", ["chatml", "llama3"])
-def test_rollout_and_gradient_match_brute_force(tmp_path, style):
+@pytest.mark.parametrize("style,lora", [("chatml", False), ("llama3", False), ("chatml", True)])
+def test_rollout_and_gradient_match_brute_force(tmp_path, style, lora):
+    """lora: the policy is the base plus rank-4 adapters (B drawn non-zero) and pi_ref is the same module with its
+    adapters off (parallel.AdaptersOff), as train.py --lora runs it; the gradient reaches the adapters alone."""
     from conftest import make_tiny_model
     directory = make_tiny_model(tmp_path / style, tokenizer_style=style, seed=4)
     policy, tok = load(directory)
     reference = perturbed_copy(policy)       # a different pi_ref, so the KL term is not zero
+    if lora:
+        import parallel
+        from model import add_lora
+        add_lora(policy, r=4, alpha=8.0)
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+        reference = parallel.AdaptersOff(policy)
     prompts = make_prompts(tok, ["What is 3 + 4? Let's think step by step.", "Add 12 and 5. Let's think step by step."])
     answers = ["The answer is 7.", "The answer is 17."]
     cfg = LatroConfig(num_samples=3, beta=0.3, answer_weight=0.7, max_rationale_tokens=12, micro_batch_size=2,
@@ -173,12 +184,16 @@ def test_rollout_and_gradient_match_brute_force(tmp_path, style):
     # Gradient of L (micro-batched, fused scoring) == gradient of the brute-force loss.
     policy.train()
     latro.backward_on_rollout(policy, ro, terms.advantages, cfg)
-    fused = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    fused = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    assert all(("lora_" in n) == lora for n in fused) and all(p.grad is None for n, p in policy.named_parameters()
+                                                              if n not in fused)
     policy.zero_grad()
     pol = naive_logprobs(policy, ro.tokens)
     loss = -(A * (pol * z).sum(1)).mean() + cfg.answer_weight * -(pol * y).sum(1).mean()
     loss.backward()
     for n, p in policy.named_parameters():
+        if n not in fused:
+            continue
         # fp32 sums in a different order: compare relative to the gradient's scale (it reaches ~1e2 here)
         scale = p.grad.abs().max().item()
         assert (fused[n] - p.grad).abs().max().item() <= 2e-5 * scale + 1e-6, n

@@ -298,3 +298,75 @@ def test_non_finite_losses_skip_steps_then_abort(monkeypatch, tmp_path, tiny_lla
         train.train(args)
     assert capsys.readouterr().out.count("non-finite loss") == 3
     assert not any(name.startswith("checkpoint") for name in os.listdir(tmp_path / "nan"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA: adapters only, the frozen base as pi_ref, PEFT's checkpoint layout, exact resume, 2 processes == 1
+
+LORA = ["--lora", "4", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_llama3_dir, gsm_file):
+    out = str(tmp_path_factory.mktemp("lora") / "run")
+    args = ["--dataset", gsm_file, *SMALL, *LORA, "--steps", "4", "--save-every", "2"]
+    run(["--model", tiny_llama3_dir, "--out", out, *args])
+    return out, args
+
+
+def test_lora_trains_the_adapters_alone_and_its_checkpoint_loads_in_peft(lora_run, tiny_llama3_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from model import load
+    out, _ = lora_run
+    ckpt = os.path.join(out, "checkpoint-000004")
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"} <= \
+        set(os.listdir(ckpt)) and "model.safetensors" not in os.listdir(ckpt)
+    adapters = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+    assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
+    assert all(".lora_" in k for k in load_file(os.path.join(ckpt, "optimizer.safetensors")))
+    assert any(adapters[k].abs().max() > 0 for k in adapters if "lora_B" in k)  # trained (B starts at zero)
+    ours, _ = load(ckpt, dtype=torch.float32)  # an adapter directory: its base, then the adapters
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama3_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    peft = PeftModel.from_pretrained(base, ckpt).eval()
+    x = torch.randint(0, ours.args.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert (ours(x) - peft(input_ids=x).logits).abs().max().item() < 1e-4
+    merged = str(tmp_path / "merged")  # --merge-lora: the HF layout, which transformers loads
+    p = run_command([sys.executable, "train.py", "--merge-lora", ckpt, merged], cwd=REPO_ROOT, timeout=240)
+    assert p.returncode == 0, p.stderr
+    hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
+    base_after = load_file(os.path.join(tiny_llama3_dir, "model.safetensors"))
+    assert all(torch.equal(before[k], base_after[k]) for k in base_after if k in before)  # the base never moved
+    e = run_command([sys.executable, "eval.py", "--model", ckpt, "--dataset", gsm_file_of(lora_run), "--limit", "2",
+                     "--max-new-tokens", "4", "--dtype", "float32", "--out", str(tmp_path / "e.jsonl")], cwd=REPO_ROOT,
+                    timeout=240)
+    assert e.returncode == 0, e.stderr
+
+
+def gsm_file_of(lora_run):
+    return lora_run[1][lora_run[1].index("--dataset") + 1]
+
+
+def test_lora_resume_two_plus_two_equals_four_bit_for_bit(lora_run, tmp_path):
+    out, _ = lora_run
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    import shutil
+    shutil.copytree(os.path.join(out, "checkpoint-000002"), os.path.join(resumed, "checkpoint-000002"))
+    p = run(["--resume", os.path.join(resumed, "checkpoint-000002")])
+    assert "steps 2->4" in p.stdout and "LoRA r=4" in p.stdout
+    a, b = (load_file(os.path.join(d, "checkpoint-000004", "adapter_model.safetensors")) for d in (out, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_two_processes_equal_one(lora_run, tiny_llama3_dir, tmp_path):
+    out, args = lora_run
+    ddp = str(tmp_path / "ddp")
+    p = run(["--model", tiny_llama3_dir, "--out", ddp, *args], nproc=2)
+    assert "| DDP |" in p.stdout
+    a, b = (load_file(os.path.join(d, "checkpoint-000004", "adapter_model.safetensors")) for d in (out, ddp))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

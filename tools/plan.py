@@ -172,7 +172,7 @@ def peak_rows(tracker):
 
 def simulate(hf_config, world, sharded, compute_dtype, num_samples, questions_per_step, max_rationale_tokens,
              micro_batch_size, checkpointing, temperature=1.0, prompt_tokens=PROMPT_TOKENS,
-             answer_tokens=ANSWER_TOKENS, fake=True):
+             answer_tokens=ANSWER_TOKENS, fake=True, sample_questions=0, lora=None):
     """Peak bytes per rank by category for the training, sampling and scoring phases of one step.
 
     hf_config: a config.json dict. fake=True: fake tensors on the fake process group (world ranks, this is rank 0).
@@ -200,8 +200,9 @@ def simulate(hf_config, world, sharded, compute_dtype, num_samples, questions_pe
             # train.py's own model building; DDP cannot run on fake tensors, so a replica is its one-process model
             policy, sampler, reference = parallel.build_models(
                 None, None, torch.device("cpu"), world if sharded else 1, compute_dtype, sharded, checkpointing,
-                build=lambda _, dtype, wrap: (wrap or (lambda m: m))(_build(args, hf_config, dtype)), mesh=mesh)
-            optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, foreach=False)
+                build=lambda _, dtype, wrap: (wrap or (lambda m: m))(_build(args, hf_config, dtype)), mesh=mesh,
+                lora=lora)
+            optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6, foreach=False)
             cfg = latro.LatroConfig(num_samples=num_samples, max_rationale_tokens=max_rationale_tokens,
                                     micro_batch_size=micro_batch_size, temperature=temperature)
             autocast = parallel.autocast(torch.device("cpu"), compute_dtype, sharded)
@@ -211,13 +212,14 @@ def simulate(hf_config, world, sharded, compute_dtype, num_samples, questions_pe
             frozen = {"reference": tensor_bytes(reference),
                       "sampler copy": tensor_bytes(sampler) if sampler is not policy else 0}
             train_rows.update(frozen)
-            # AdamW's step: params, their gradients (same size), the moments, the frozen models, and for a
-            # sharded policy the foreach implementation's one transient, sqrt of the second moments (the size of
-            # the fp32 params again); a replica's AdamW is fused (train.py), with no transient
-            step_peak = (3 if sharded else 2) * tensor_bytes(policy) + tensor_bytes(optimizer) + \
+            # AdamW's step: params, the trained ones' gradients, the moments, the frozen models, and for a sharded
+            # policy the foreach implementation's one transient, sqrt of the second moments (the size of the
+            # trained params again); a replica's AdamW is fused (train.py), with no transient
+            trained = tensor_bytes(*[q for q in policy.parameters() if q.requires_grad])
+            step_peak = tensor_bytes(policy) + (2 if sharded else 1) * trained + tensor_bytes(optimizer) + \
                 train_rows["reference"] + train_rows["sampler copy"]
-            sample_rows, score_rows = _sample_phases(policy, optimizer, sampler, reference,
-                                                     questions_per_step // world, cfg, prompt_tokens,
+            questions = min(sample_questions or questions_per_step // world, questions_per_step // world)
+            sample_rows, score_rows = _sample_phases(policy, optimizer, sampler, reference, questions, cfg, prompt_tokens,
                                                      answer_tokens, MemTracker)
             sample_rows.update(frozen)
             score_rows.update(frozen)
@@ -258,6 +260,14 @@ def _scoring_batch(cfg, prompt_tokens, answer_tokens):
     return latro.pack([(i, i // cfg.num_samples, x, z, y) for i in range(cfg.micro_batch_size)], None)
 
 
+class _NoHook:
+    def remove(self):
+        pass
+
+
+_NO_HOOK = _NoHook()
+
+
 def _train_phase(policy, optimizer, sharded, cfg, prompt_tokens, answer_tokens, tracker_cls):
     """Two micro-batches (the peak: the second one's activations on top of the first one's gradients, whatever
     the sync rule), then AdamW's step, which creates the optimizer state."""
@@ -266,6 +276,9 @@ def _train_phase(policy, optimizer, sharded, cfg, prompt_tokens, answer_tokens, 
     tracker = tracker_cls(policy, optimizer) if sharded else tracker_cls()
     if not sharded:
         tracker.track_external(policy, optimizer)
+        for q in policy.parameters():  # LoRA's frozen base: no gradient to hook (MemTracker hooks every parameter)
+            if not q.requires_grad:
+                tracker._param_to_grad_hook_handles[q] = (_NO_HOOK, _NO_HOOK)
     policy.train()
     before_forward = parallel.grad_sync(policy)
     with tracker:
@@ -293,13 +306,14 @@ def _sample_phases(policy, optimizer, sampler, reference, questions, cfg, prompt
     from model import decode_step, prefill, sample_next
     # MemTracker hooks the gradient of every parameter a module runs with, which torch refuses for frozen ones:
     # mark them trainable for the simulation (under no_grad this changes nothing else)
-    for p in list(sampler.parameters()) + list(reference.parameters()):
-        p.requires_grad_(True)
-    frozen = tensor_bytes(sampler, reference)
+    resident = [m for m in (sampler, reference) if isinstance(m, torch.nn.Module)]  # LoRA's pi_ref is no module
+    for m in resident:
+        m.requires_grad_(True)
+    frozen = tensor_bytes(*resident)
 
     def window():
         tracker = tracker_cls()
-        tracker.track_external(sampler, reference)  # resident all along: the peak is where the transients peak
+        tracker.track_external(*resident)  # resident all along: the peak is where the transients peak
         return tracker
 
     def rows_of(tracker):
@@ -373,20 +387,21 @@ def fits(result, gpu_memory_gib):
 # What train.py asks of the plan
 
 def plan_run(args, world, compute_dtype, sharded):
-    """The memory plan of this run's configuration (py), simulated on the CPU: fake tensors, fake process
+    """The memory plan of this run's configuration, simulated on the CPU: fake tensors, fake process
     group, no weights."""
     config, _ = model_config(args.model)  # the HF config.json of the model, as a dict
     return simulate(config, world, sharded, compute_dtype, args.num_samples, args.questions_per_step,
-                         args.max_rationale_tokens, args.micro_batch_size,
-                         checkpointing=parallel.checkpointing_on(args, sharded), temperature=args.temperature,
-                         prompt_tokens=args.plan_prompt_tokens or PROMPT_TOKENS)
+                    args.max_rationale_tokens, args.micro_batch_size,
+                    checkpointing=parallel.checkpointing_on(args, sharded), temperature=args.temperature,
+                    prompt_tokens=args.plan_prompt_tokens or PROMPT_TOKENS, sample_questions=args.sample_questions,
+                    lora=args.lora and (args.lora, args.lora_alpha, args.lora_dropout))
 
 
 def choose_sharding(args, world, gpu_memory_gib, compute_dtype):
     """--fsdp auto: FSDP2 when a replica would not fit, by the memory plan of the replicated run (only with a memory
     limit to plan against: a GPU, or --gpu-memory). -> (sharded, the plan of the replicated run or None)"""
-    if world == 1 or args.fsdp != "auto":
-        return world > 1 and args.fsdp == "on", None
+    if world == 1 or args.fsdp != "auto" or args.lora:  # LoRA runs replicated
+        return world > 1 and args.fsdp == "on" and not args.lora, None
     if gpu_memory_gib is None or args.no_plan:
         return False, None
     config, _ = model_config(args.model)
@@ -428,7 +443,9 @@ def print_plan(args, world):
     _, alias = model_config(args.model)
     title = (f"memory plan | {args.model}{f' ({alias})' if alias and alias != args.model else ''} | {args.recipe} "
              f"recipe: K={args.num_samples}, L={args.max_rationale_tokens}, {args.questions_per_step} questions/step, "
-             f"micro-batch {args.micro_batch_size} | {world} x {gpu_memory:g} GiB | "
+             f"micro-batch {args.micro_batch_size}" +
+             (f", {args.sample_questions} questions per sampling call" if args.sample_questions else "") +
+             (f" | LoRA r={args.lora}" if args.lora else "") + f" | {world} x {gpu_memory:g} GiB | "
              f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | {str(compute_dtype)[6:]} | "
              f"activation checkpointing {'on' if parallel.checkpointing_on(args, sharded) else 'off'} | rank 0 of {world}")
     print(format_plan(result, title, gpu_memory), flush=True)
