@@ -156,7 +156,7 @@ def prepare_run_dir(args, start):
             if os.path.isfile(src):
                 write_metrics(os.path.join(out, "metrics.jsonl"), read_metrics(src, start))
     except BaseException:
-        release_lock(lock)
+        parallel.release_lock(lock)
         raise
     return lock
 
