@@ -121,6 +121,15 @@ def move_run_aside(out):
     print(f"--overwrite: moved the previous run in {out} to {backup}", flush=True)
 
 
+def check_out(out):
+    """Before anything loads, with nothing created yet: --out must be a directory path that can be written."""
+    parent = next(p for p in [os.path.abspath(out), *Path(out).absolute().parents] if os.path.exists(p))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: cannot create the run directory ({parent} is a file); expected a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: not writable")
+
+
 def prepare_run_dir(args, start):
     """Before any model is loaded: --out must be a directory we can create and write; take its lock; then decide
     what may happen to what it holds. Returns the lock path."""

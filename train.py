@@ -212,6 +212,7 @@ def train(args):
     check_args(args, world)
     run = Run(device=device, rank=rank, world=world, status={"step": resume_state["step"] if resume_state else 0},
               last_saved=None, lock=None)
+    rundir.check_out(args.out)
     inputs = check_inputs(args, run, resume_state)              # data, context length, pins: before any weights
     signal.signal(signal.SIGTERM, terminated)  # a scheduler's preemption stops the run as Ctrl-C does
     t_run = time.time()

@@ -572,14 +572,14 @@ def test_a_lost_peer_is_one_line_from_the_survivor(tmp_path, model_451, gsm6):
 
 
 def test_a_lock_of_a_reused_pid_is_stale_and_a_live_one_says_how_to_clear_it(tmp_path, model_451, gsm6, capsys):
-    import rundir
+    import parallel
     out = tmp_path / "run"
     out.mkdir()
     # this test's own pid is alive, but the lock says it started at another time: a pid reused after a restart
     (out / ".lock").write_text(f"{socket.gethostname()} {os.getpid()} 1 2020-01-01T00:00:00")
     p = train(["--model", model_451, "--dataset", gsm6, "--out", str(out), "--steps", "1", "--no-save", *TINY])
     assert f"taking over the lock of pid {os.getpid()}" in p.stdout
-    start = rundir.process_start(os.getpid())
+    start = parallel.process_start(os.getpid())
     (out / ".lock").write_text(f"{socket.gethostname()} {os.getpid()} {start} 2026-12-01T10:00:00")
     main_error(["--model", model_451, "--dataset", gsm6, "--out", str(out), "--steps", "1", "--overwrite", *TINY],
                capsys, f"pid {os.getpid()} on {socket.gethostname()}, started 2026-12-01T10:00:00",
