@@ -122,8 +122,8 @@ def example_from_record(record: dict, layout: str, default_id: str) -> Example:
     """Build an Example, raising ValueError (with what was wrong) when the record does not fit its layout."""
     if layout == "gsm8k":
         question, solution = record.get("question"), record.get("answer")
-        if not isinstance(question, str) or not isinstance(solution, str):
-            raise ValueError("expected string fields 'question' and 'answer'")
+        if not isinstance(question, str) or not isinstance(solution, str) or not question.strip():
+            raise ValueError("expected string fields 'question' (not empty) and 'answer'")
         if solution.count("#### ") != 1:
             raise ValueError("expected 'answer' to contain exactly one '#### ' followed by the final answer")
         example = gsm8k_example(str(record.get("id", default_id)), question, solution)
@@ -141,13 +141,15 @@ def example_from_record(record: dict, layout: str, default_id: str) -> Example:
         if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
             raise ValueError("expected 'question.choices' to be a list of {\"text\", \"label\"} objects")
         texts, labels = [c.get("text") for c in choices], [c.get("label") for c in choices]
-    if not isinstance(question, str):
-        raise ValueError("expected the question to be a string")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("expected the question to be a non-empty string")
     if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels) or len(texts) < 2:
         raise ValueError("expected at least two choices, with as many labels as texts")
     if not all(isinstance(t, str) for t in texts + labels):
         raise ValueError("expected choice texts and labels to be strings")
     label = record.get("answerKey")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"expected distinct choice labels, got {labels}")
     if label not in labels:
         raise ValueError(f"expected 'answerKey' to be one of the choice labels {labels}, got {label!r}")
     return arc_example(str(record.get("id", default_id)), question, list(zip(labels, texts)), label)
@@ -162,7 +164,7 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    examples, layout = [], None
+    examples, layout, lines = [], None, {}  # lines: each id's line number
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             if limit is not None and len(examples) >= limit:
@@ -193,6 +195,10 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
                 raise ValueError(f"{where}: expected a {layout} record like the first one: {LAYOUT_FIELDS[layout]}")
             try:
                 examples.append(example_from_record(record, layout, default_id=f"{path.stem}-{len(examples)}"))
+                if examples[-1].id in lines:
+                    raise ValueError(f"id {examples[-1].id!r} again (first on line {lines[examples[-1].id]}); "
+                                     "expected one record per question")
+                lines[examples[-1].id] = line_number
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
     if not examples:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 import data
-from model import generate, load, resolve_dtype
+from model import fingerprint, generate, load, resolve, resolve_dtype
 from parallel import (NON_NEGATIVE, POSITIVE, UNIT, check_flags, on_rank0, release_lock, run_main,
                       setup_distributed, take_lock)
 
@@ -42,8 +43,9 @@ def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samp
     """-> (records in question order, summary); no file I/O. greedy: a greedy rationale per question (the paper's main
     numbers); samples: K sampled ones at `temperature` for maj@K and pass@K. Under torch.distributed each round of
     world_size × batch_size questions is split across ranks and gathered, so every rank returns what one process
-    would (the batch from question i samples with seed + i); on_records(new) is called on every rank after each
-    round. compiled: decode with model.generate's compiled fixed-shape step (the same tokens)."""
+    would. Question i samples with seed + i, or with seed[i] when seed is a list (a resumed run keeps each
+    question's seed); on_records(new) is called on every rank after each round. compiled: decode with
+    model.generate's compiled fixed-shape step (the same tokens)."""
     if not greedy and not samples:
         raise ValueError("evaluate: nothing to do (greedy=False and samples=0)")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -53,8 +55,9 @@ def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samp
     for start in range(0, len(examples), batch_size * world):
         first = start + rank * batch_size
         mine = examples[first:first + batch_size]
-        new = evaluate_batch(model, tokenizer, mine, max_new_tokens, greedy, samples, temperature, top_p,
-                             seed + first, compiled) if mine else []
+        seeds = seed[first:first + batch_size] if isinstance(seed, list) else seed + first
+        new = evaluate_batch(model, tokenizer, mine, max_new_tokens, greedy, samples, temperature, top_p, seeds,
+                             compiled) if mine else []
         if distributed:  # every rank joins every round, even with no questions left, so the gather cannot hang
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, new)
@@ -65,6 +68,10 @@ def evaluate(model, tokenizer, examples, max_new_tokens=500, batch_size=16, samp
     model.train(was_training)
     seconds, summary = time.time() - start_time, summarize(records)
     return records, summary | {"seconds": seconds, "tokens_per_s": summary["generated_tokens"] / max(seconds, 1e-9)}
+
+
+def gold_of(example):
+    return example.label if example.task == "arc_challenge" else canonical_number(example.answer)
 
 
 def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, temperature, top_p, seed,
@@ -79,9 +86,8 @@ def evaluate_batch(model, tokenizer, examples, max_new_tokens, greedy, samples, 
 
     records = []
     for ex, prompt in zip(examples, prompts):
-        arc = ex.task == "arc_challenge"
-        gold = {"gold": ex.label, "gold_text": ex.answer} if arc else {"gold": canonical_number(ex.answer)}
-        records.append({"id": ex.id, "prompt": tokenizer.decode(prompt)} | gold)
+        gold = {"gold": gold_of(ex)} | ({"gold_text": ex.answer} if ex.task == "arc_challenge" else {})
+        records.append({"id": ex.id, "question": ex.question, "prompt": tokenizer.decode(prompt)} | gold)
     if greedy:
         for ex, record, ids in zip(examples, records, generate(model, prompts, max_new_tokens, temperature=0.0,
                                                                      compiled=compiled)):
@@ -164,7 +170,7 @@ def is_correct(example: data.Example, answer: str | None) -> bool:
         return False
     if example.task == "arc_challenge":
         return answer == example.label
-    return math.isclose(float(answer), float(example.answer), rel_tol=1e-6, abs_tol=1e-6)
+    return float(answer) == float(example.answer)  # both parsed from text: "18.0" == "18", but 1000001 != 1000000
 
 
 # A number: "1,080" (thousands separators only in groups of three), "18", "3.5", ".5". A "-" is a sign only when it
@@ -342,11 +348,11 @@ def locked(out: Path, rank: int):
             release_lock(str(lock))
 
 
-def resumable(out: Path, settings: dict, overwrite: bool) -> set[str]:
-    """Ids of the questions already in `out` (none with --overwrite); an error if it was written with other
+def resumable(out: Path, settings: dict, overwrite: bool) -> dict[str, dict]:
+    """{id: record} of the questions already in `out` (none with --overwrite); an error if it was written with other
     settings. Writes nothing."""
     if overwrite or not out.exists():
-        return set()
+        return {}
     summary_file, retry = summary_path(out), "choose another --out or pass --overwrite"
     if not summary_file.exists():
         raise ValueError(f"{out} exists but {summary_file} does not, so its settings are unknown; {retry}")
@@ -358,18 +364,20 @@ def resumable(out: Path, settings: dict, overwrite: bool) -> set[str]:
         differ = ", ".join(f"{k}: {previous.get(k)!r} there, {v!r} now"
                            for k, v in settings.items() if previous.get(k) != v)
         raise ValueError(f"{out} was written with different settings ({differ}); {retry}")
-    return {r["id"] for r in read_records(out)}
+    return {r["id"]: r for r in read_records(out)}
 
 
 def start_output(out: Path, settings: dict, overwrite: bool) -> None:
     """Makes `out` ready for appending; called once the model, tokenizer and data have loaded, so that a failed load
     leaves nothing behind."""
     summary_file = summary_path(out)
-    if overwrite and out.exists():
+    if overwrite and out.exists():  # kept, not deleted (--overwrite can be a typo): the first free .bak[N]
+        n = next(n for n in range(10**6) if not any(p.with_name(p.name + f".bak{n or ''}").exists()
+                                                     for p in (out, summary_file)))
         for path in (out, summary_file):
             if path.exists():
-                os.replace(path, path.with_name(path.name + ".bak"))  # kept, not deleted: --overwrite can be a typo
-        print(f"--overwrite: moved the previous results to {out}.bak")
+                os.replace(path, path.with_name(path.name + f".bak{n or ''}"))
+        print(f"--overwrite: moved the previous results to {out}.bak{n or ''}")
     with writing(out, out):
         if not out.exists():  # the settings first: a crash leaves a resumable pair
             data.write_json(summary_file, {"settings": settings, "complete": False})
@@ -463,6 +471,7 @@ def dataset_of(path: str) -> str:
 
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's preemption stops it as Ctrl-C does
     try:
         args = parse_args(argv)
         if args.compare:
@@ -473,6 +482,11 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("error: interrupted; the questions finished so far are saved: rerun the same command to resume",
+                  file=sys.stderr)
+        return 130
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -488,6 +502,11 @@ def run(args, rank) -> int:
     with locked(out, rank):
         done = on_rank0(rank, lambda: resumable(out, settings, args.overwrite))
         examples = data.load_dataset(args.dataset, args.split, args.limit)
+        changed = [ex.id for ex in examples if ex.id in done and (done[ex.id].get("question", ex.question),
+                                                                  done[ex.id]["gold"]) != (ex.question, gold_of(ex))]
+        if changed:
+            raise ValueError(f"{out}: {len(changed)} of its records are of other questions under the same ids (e.g. "
+                             f"{changed[0]}): the dataset changed since; choose another --out or pass --overwrite")
         selected, summary_file = {ex.id for ex in examples}, summary_path(out)
         pending = [ex for ex in examples if ex.id not in done]
         if rank == 0:
@@ -512,8 +531,9 @@ def run(args, rank) -> int:
                 with writing(summary_file, out):
                     data.write_json(summary_file, {"settings": settings, "complete": False, **running})
 
+            seeds = [args.seed + i for i, ex in enumerate(examples) if ex.id not in done]  # as a straight run's
             _, run_summary = evaluate(model, tokenizer, pending, args.max_new_tokens, args.batch_size, args.samples,
-                                      args.temperature, args.top_p, args.seed, greedy=not args.no_greedy,
+                                      args.temperature, args.top_p, seeds, greedy=not args.no_greedy,
                                       on_records=on_records if rank == 0 else None, compiled=args.compile)
         if rank != 0:
             return 0
@@ -584,7 +604,8 @@ def run_settings(args, dtype) -> dict:
     (up to floating-point noise)."""
     is_file = args.dataset.endswith(".jsonl") or Path(args.dataset).is_file()
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.samples else {}
-    return {"model": args.model, "dataset": args.dataset, "split": None if is_file else args.split,
+    return {"model": args.model, "weights": fingerprint(resolve(args.model)),  # the path may hold other weights later
+            "dataset": args.dataset, "split": None if is_file else args.split,
             "max_new_tokens": args.max_new_tokens, "greedy": not args.no_greedy, "samples": args.samples} | sampling \
         | ({"dtype": "bfloat16"} if dtype == torch.bfloat16 else {})  # bf16 changes answers (files before it: fp32)
 

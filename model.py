@@ -7,6 +7,7 @@ Parameter names follow the HF checkpoint minus its "model." prefix, so loading a
 """
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -718,6 +719,9 @@ def from_hf_config(hf_config, source="config.json"):
     silently get wrong."""
     get = hf_config.get
     mt = get("model_type")
+    if "latro" in hf_config and "args" in hf_config:  # train.py's run record, not a model's config
+        raise ValueError(f"{source}: this is a training run directory, not a model; pass one of its "
+                         "checkpoint-NNNNNN directories")
     if mt not in SUPPORTED_TYPES:
         raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
     if get("hidden_act", "silu") != "silu":
@@ -917,6 +921,24 @@ def resolve_dtype(flag, device):
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
         getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return torch.bfloat16 if native else torch.float32
+
+
+def fingerprint(directory):
+    """A fingerprint of a model's weights without reading them all: each safetensors file's name, size and header
+    (names, dtypes, shapes, offsets), and 64 blocks of 4 KiB spread over its data, hashed. Equal for a copy of
+    the model; different for another model, even one of the same shape."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in os.listdir(directory) if p.endswith(".safetensors")):
+        full = os.path.join(directory, path)
+        size = os.path.getsize(full)
+        h.update(f"{path} {size}".encode())
+        with open(full, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(n, 100_000_000)))
+            for i in range(64):
+                f.seek(8 + n + (size - 8 - n) * i // 64)
+                h.update(f.read(4096))
+    return h.hexdigest()[:16]
 
 
 def load(name_or_path, device=None, dtype=None):

@@ -30,6 +30,7 @@ from parallel import first_error, unwrap
 
 LOCK = ".lock"
 MOVING = ".moving"  # an --overwrite in progress
+RUN_FILES = ("metrics.jsonl", "config.json", "best.json", "test.json", "curves.png", "eval", MOVING)  # + checkpoints
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 # Flags that decide which questions a step sees and what it optimises (--steps sets the learning-rate decay): a
 # resumed run keeps the recorded values, and changing one is an error unless --allow-recipe-change (the change is
@@ -54,8 +55,8 @@ def one_line(e):
 
 
 def dataset_id(name):
-    """A named dataset as is; a local path made absolute, so a resumed run finds the same file from anywhere."""
-    return name if name in data.SPLITS or not os.path.exists(name) else os.path.abspath(name)
+    """A named dataset as is; a local path resolved, so a resumed run finds the same file from anywhere."""
+    return name if name in data.SPLITS or not os.path.exists(name) else os.path.realpath(name)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,6 +122,11 @@ def move_run_aside(out):
     print(f"--overwrite: moved the previous run in {out} to {backup}", flush=True)
 
 
+def run_of(checkpoint):
+    """The run directory a checkpoint belongs to (through symbolic links: a `latest` link elsewhere is not a run)."""
+    return os.path.dirname(os.path.realpath(checkpoint))
+
+
 def check_out(out):
     """Before anything loads, with nothing created yet: --out must be a directory path that can be written."""
     parent = next(p for p in [os.path.abspath(out), *Path(out).absolute().parents] if os.path.exists(p))
@@ -143,25 +149,36 @@ def prepare_run_dir(args, start):
         raise ValueError(f"--out {out}: not writable")
     lock = take_lock(out)
     try:
+        foreign = sorted(n for n in os.listdir(out) if not (n in RUN_FILES or CHECKPOINT.match(n.split(".")[0]) or
+                                                              n.startswith(LOCK)))
+        if foreign:  # a model, a checkpoint, data, notes: never written over, never moved by --overwrite
+            raise ValueError(f"--out {out}: holds files that are not a training run's ({', '.join(foreign[:4])}"
+                             f"{', ...' if len(foreign) > 4 else ''}); choose a new or empty directory")
         remove_partials(out)
         if os.path.isdir(os.path.join(out, MOVING)):  # an --overwrite was killed part-way: finish it first
             move_run_aside(out)
-        own = args.resume and os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(out)
+        own = args.resume and run_of(args.resume) == os.path.realpath(out)
         later = [c for c in checkpoints(out) if step_of(c) > start] if own else []
         if later:
             raise ValueError(f"--resume {args.resume}: the run has later checkpoints ({', '.join(later)}), which "
                              "continuing here would overwrite; to branch from this step, pass --out NEW_DIR")
         if not own and holds_run(out):
             what = "another run" if args.resume else "a run"
+            inside = [f"--{k.replace('_', '-')} {v}" for k in ("model", "resume", "dataset", "eval_dataset")
+                      if (v := getattr(args, k)) and os.path.exists(v) and
+                      os.path.realpath(v).startswith(os.path.realpath(out) + os.sep)]
+            if args.overwrite and inside:
+                raise ValueError(f"--overwrite: {inside[0]} is inside --out {out}, which --overwrite would move "
+                                 "aside; copy it elsewhere first, or choose another --out")
             if not args.overwrite:
-                hint = (f"resume writes into the checkpoint's own run {os.path.dirname(os.path.abspath(args.resume))}"
+                hint = (f"resume writes into the checkpoint's own run {run_of(args.resume)}"
                         "; drop --out, choose an empty one, or " if args.resume else
                         "pass --resume CHECKPOINT (checkpoints: " + checkpoint_list(out) + "), another --out, or ")
                 raise ValueError(f"--out {out}: already holds {what} (metrics.jsonl / checkpoints); {hint}"
                                  "--overwrite to move it aside to a .bak directory")
             move_run_aside(out)
         if args.resume and not own:  # a branch of the checkpoint's run: its metrics up to the checkpoint come along
-            src = os.path.join(os.path.dirname(os.path.abspath(args.resume)), "metrics.jsonl")
+            src = os.path.join(run_of(args.resume), "metrics.jsonl")
             if os.path.isfile(src):
                 write_metrics(os.path.join(out, "metrics.jsonl"), read_metrics(src, start))
     except BaseException:
@@ -187,18 +204,20 @@ def step_of(checkpoint):
 
 def mark_best(out, checkpoint, m):
     """best.json names the checkpoint of the best evaluation so far (written atomically; --keep-last keeps it)."""
-    data.write_json(os.path.join(out, "best.json"), {"checkpoint": os.path.abspath(checkpoint), "step": m["step"],
+    data.write_json(os.path.join(out, "best.json"), {"checkpoint": os.path.basename(checkpoint), "step": m["step"],
                                                      "eval_accuracy": m["eval_accuracy"], "split": m["eval_split"],
                                                      "questions": m["eval_questions"]})
 
 
 def read_best(out):
-    """best.json as a dict, or None when there is none (or its checkpoint is gone)."""
+    """best.json as a dict, its checkpoint's path resolved in `out` (the run may have moved), or None when there is
+    none (or its checkpoint is gone)."""
     try:
         best = json.load(open(os.path.join(out, "best.json")))
-    except (OSError, ValueError):
+        best["checkpoint"] = os.path.join(out, os.path.basename(best["checkpoint"]))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return best if os.path.isfile(os.path.join(best.get("checkpoint", ""), "trainer_state.json")) else None
+    return best if os.path.isfile(os.path.join(best["checkpoint"], "trainer_state.json")) else None
 
 
 def best_so_far(out):
@@ -311,25 +330,6 @@ def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharde
 # Resuming: the flags, then (once the models exist) the optimizer state and the random-number state
 
 
-def fingerprint(directory):
-    """A fingerprint of a model's weights without reading them all: each safetensors file's name, size and header
-    (names, dtypes, shapes, offsets), and 64 blocks of 4 KiB spread over its data, hashed. Equal for a copy of
-    the model; different for another model, even one of the same shape."""
-    import hashlib
-    h = hashlib.sha256()
-    for path in sorted(p for p in os.listdir(directory) if p.endswith(".safetensors")):
-        full = os.path.join(directory, path)
-        size = os.path.getsize(full)
-        h.update(f"{path} {size}".encode())
-        with open(full, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(n, 100_000_000)))
-            for i in range(64):
-                f.seek(8 + n + (size - 8 - n) * i // 64)
-                h.update(f.read(4096))
-    return h.hexdigest()[:16]
-
-
 def check_pins(args, state, pins):
     """A resume must train the same base model (the KL reference) on the same data: the base model's fingerprint
     must match the run's (wherever it now lives), and a changed training set is refused unless
@@ -388,6 +388,13 @@ def restore_run_args(args, state, world):
             setattr(args, key, value)
         elif key in RECIPE and (dataset_id(getattr(args, key)) if key == "dataset" else getattr(args, key)) != value:
             changes.append((key, value, getattr(args, key)))
+    fixed = [(k, saved.get(k, d), getattr(args, k)) for k, d in (("lora", 0), ("lora_alpha", None),
+                                                                 ("lora_dropout", 0.0))
+             if k in args.explicit and getattr(args, k) != saved.get(k, d)]
+    if fixed:
+        raise ValueError(f"--resume {args.resume}: --{fixed[0][0].replace('_', '-')} {fixed[0][2]}: the run trains "
+                         f"{'full weights' if not saved.get('lora') else 'LoRA r=' + str(saved['lora'])}; LoRA's "
+                         "rank, alpha and dropout are fixed for a run (start a new one with another --out)")
     if changes and not args.allow_recipe_change:
         differ = ", ".join(f"--{k.replace('_', '-')} {new} (the run has {old})" for k, old, new in changes)
         raise ValueError(f"--resume {args.resume}: {differ} would change the data order or the objective of the "
@@ -459,7 +466,7 @@ def load_training_state(checkpoint, state, policy, optimizer, sharded, rank, wor
         raise ValueError(error)
     load_optimizer_tensors(optimizer, policy, tensors, sharded)
     rng_path = os.path.join(checkpoint, f"rng-rank{rank}.safetensors")
-    if os.path.isfile(rng_path):  # a rank that the saving run did not have starts from its seed
+    if rank < state.get("world_size", 1) or os.path.isfile(rng_path):  # a rank the saving run lacked: its seed
         torch.set_rng_state(read_safetensors(rng_path, "random-number state")["cpu"])
     return state["step"]
 

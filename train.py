@@ -35,7 +35,8 @@ import eval as evaluation
 import latro
 import parallel
 import rundir
-from model import ALIASES, build_on_meta, load, merge_lora, pad_right, resolve_dtype, save, token_logprobs
+from model import (ALIASES, build_on_meta, fingerprint, load, merge_lora, pad_right, resolve_dtype, save,
+                   token_logprobs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -256,6 +257,9 @@ def check_inputs(args, run, resume_state):
                              f"training questions (e.g. {next(iter(shared))[:60]!r}); held-out accuracy needs "
                              "disjoint data: pass --eval-dataset FILE or another --eval-split")
     meta, tokenizer, directory = build_on_meta(args.model)
+    if args.lora and meta.args.model_type == "phi3":
+        raise ValueError("--lora: phi3 is not supported (its checkpoint fuses q/k/v and gate/up, where PEFT's "
+                         "adapters sit); train it in full")
     context = meta.args.max_seq_len
     for what, questions, length in (("--max-rationale-tokens", examples, args.max_rationale_tokens),
                                     ("--eval-max-new-tokens", eval_examples or [], args.eval_max_new_tokens)):
@@ -267,7 +271,7 @@ def check_inputs(args, run, resume_state):
                 raise ValueError(f"{what}: question {e.id} has a {n}-token prompt, which with {new} more tokens "
                                  f"exceeds the model's context of {context} (max_position_embeddings)" +
                                  ("; the prompt alone does not fit" if n >= context else ""))
-    pins = {"base_model_path": os.path.abspath(directory), "base_fingerprint": rundir.fingerprint(directory),
+    pins = {"base_model_path": os.path.abspath(directory), "base_fingerprint": fingerprint(directory),
             "dataset_sha256": data.content_hash(examples)}
     if resume_state:
         rundir.check_pins(args, resume_state, pins)
@@ -541,7 +545,7 @@ def fill_defaults(args):
         args.lora_alpha = 2.0 * args.lora
     if args.answer_weight is None:  # the verifiable-reward baseline trains on its reward alone, as GRPO/RLOO do
         args.answer_weight = 0.0 if args.reward == "exact" else preset["answer_weight"]
-    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume
+    args.out = args.out or (rundir.run_of(args.resume) if args.resume
                             else os.path.join("runs", f"{args.method}-{os.path.basename(args.dataset).split('.')[0]}"))
     return args
 
@@ -551,6 +555,8 @@ def check_args(args, world):
     parallel.check_flags(args, RANGES if args.method == "latro" else {**RANGES, "--num-samples": N})
     if args.questions_per_step % world:
         raise ValueError(f"--questions-per-step {args.questions_per_step} is not divisible by the world size {world}")
+    if not args.lora and {"lora_alpha", "lora_dropout"} & set(args.explicit):
+        raise ValueError("--lora-alpha / --lora-dropout: they shape LoRA adapters; pass --lora R too (or drop them)")
     if args.lora and args.fsdp == "on":
         raise ValueError("--lora with --fsdp on: LoRA runs replicated (DDP); its frozen base needs no sharded master "
                          "weights, gradients or optimizer state (python train.py --plan --lora R shows the memory)")
@@ -612,8 +618,10 @@ def print_summary(args, run, seconds):
     rundir.plot_curves(metrics_path, os.path.join(args.out, "curves.png"))
     last = next((row for row in reversed(rows) if "loss" in row), {})
     best = rundir.read_best(args.out)
+    final = f"reward {last['reward']:.3f} kl {last['kl']:.4f}" if "reward" in last else \
+        f"loss {last.get('loss', float('nan')):.4f}"
     print(f"done | {args.method} {args.model} on {args.dataset} | steps ->{args.steps} in {seconds:.0f}s | final "
-          f"reward {last.get('reward', float('nan')):.3f} kl {last.get('kl', float('nan')):.4f} | checkpoint "
+          f"{final} | checkpoint "
           f"{run.last_saved or 'none'} | best {best['checkpoint'] if best else 'none'} (step "
           f"{best['step'] if best else '-'}, {split_label(args)} accuracy "
           f"{best['eval_accuracy'] if best else float('nan'):.1%}) | metrics {metrics_path}", flush=True)
@@ -663,6 +671,10 @@ class StepProgress:
 def merge_adapter(adapter, out, dtype="auto"):
     """--merge-lora: an adapter checkpoint folded into its base model (model.merge_lora), saved in the Hugging Face
     layout (fp32 math; bf16 weights with --dtype bfloat16)."""
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise ValueError(f"--merge-lora {adapter}: not a LoRA adapter checkpoint (no adapter_config.json)")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--merge-lora {adapter} {out}: {out} exists; expected a new directory for the merged model")
     model, tokenizer = load(adapter, device="cpu", dtype=torch.float32)
     merged = merge_lora(model)
     save(merged.to(torch.bfloat16) if dtype == "bfloat16" else merged, tokenizer, out)
@@ -676,6 +688,8 @@ def main(argv=None):
             merge_adapter(*args.merge_lora, dtype=args.dtype)
         elif args.plan:  # the memory plan of the run these flags describe, simulated on the CPU
             from tools import plan  # a tool, imported only when asked for
+            if args.resume:
+                rundir.restore_run_args(args, rundir.read_resume_state(args), args.nproc or 1)
             fill_defaults(args)
             world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
             check_args(args, world)

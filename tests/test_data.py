@@ -120,7 +120,7 @@ def test_named_dataset_from_latro_data_dir(tmp_path, monkeypatch):
     ('["a", "list"]', "expected a JSON object"),
     ('{"question": "How many?", "answer": "The total is 42."}', "exactly one '#### '"),
     ('{"question": "How many?", "answer": "####  \\n#### 4"}', "exactly one '#### '"),
-    ('{"question": 7, "answer": "#### 4"}', "expected string fields 'question' and 'answer'"),
+    ('{"question": 7, "answer": "#### 4"}', "expected string fields 'question'"),
     ('{"id": "x", "question": "Which?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}',
      "expected a gsm8k record"),
 ])
@@ -328,4 +328,17 @@ def test_a_non_utf8_byte_names_the_file_and_line(tmp_path):
     path.write_bytes(json.dumps(GSM8K_LINES[0]).encode() + b"\n" + '{"question": "Caf\xe9?", "answer": "1\\n#### 1"}'
                      .encode("latin-1") + b"\n")
     with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"):
+        data.load_dataset(str(path))
+
+
+@pytest.mark.parametrize("records,message", [
+    ([{"question": "  ", "answer": "1\n#### 1"}], "expected string fields 'question' (not empty)"),
+    ([{"id": "a", "question": "Q1?", "answer": "#### 1"}, {"id": "a", "question": "Q2?", "answer": "#### 2"}],
+     "id 'a' again (first on line 1)"),
+    ([{"id": "q", "question": "Pick", "choices": {"text": ["x", "y"], "label": ["A", "A"]}, "answerKey": "A"}],
+     "expected distinct choice labels"),
+])
+def test_questions_that_would_train_or_score_the_wrong_thing_are_refused(tmp_path, records, message):
+    path = write_jsonl(tmp_path / "odd.jsonl", records)
+    with pytest.raises(ValueError, match=re.escape(message)):
         data.load_dataset(str(path))

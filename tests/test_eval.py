@@ -686,3 +686,61 @@ def test_cli_accuracies_name_the_split(tiny_llama_dir, tmp_path, capsys):
     assert "greedy (arith validation): " in log and "greedy_official (arith validation): " in log
     assert "| greedy (arith validation) " in log  # the running line
     assert "held-out" not in log and "held out" not in log
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Round 2 sweep: resumes that would mix other questions, weights or seeds into a file; exact numbers; Ctrl-C
+
+
+def test_a_large_gold_is_compared_exactly():
+    assert not ev.is_correct(gsm8k("1000000"), "1000001") and not ev.is_correct(gsm8k("1000000"), "999999")
+    assert ev.is_correct(gsm8k("18"), ev.canonical_number("18.00"))
+
+
+def test_resume_refuses_changed_questions_and_changed_weights(tiny_llama_dir, five_questions, tmp_path, capsys):
+    import shutil
+    out = tmp_path / "r.jsonl"
+    base = ["--dataset", five_questions, "--out", out, "--max-new-tokens", 2, "--limit", 2]
+    assert run_cli(["--model", tiny_llama_dir, *base], capsys)[0] == 0
+    rows = Path(five_questions).read_text().splitlines()
+    Path(five_questions).write_text("\n".join([json.dumps(GSM8K_RECORDS[4])] + rows) + "\n")  # a row on top
+    code, log = run_cli(["--model", tiny_llama_dir, *base[:-2]], capsys)
+    assert code == 2 and "records are of other questions under the same ids" in log, log
+    Path(five_questions).write_text("\n".join(rows) + "\n")
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, model)
+    out2 = tmp_path / "r2.jsonl"
+    assert run_cli(["--model", model, *base[:2], "--out", out2, *base[4:]], capsys)[0] == 0
+    from conftest import make_tiny_model
+    other = make_tiny_model(tmp_path / "other", tie_word_embeddings=True, seed=5)
+    shutil.copy(Path(other) / "model.safetensors", model / "model.safetensors")  # other weights, same path
+    code, log = run_cli(["--model", model, *base[:2], "--out", out2, "--max-new-tokens", 2], capsys)
+    assert code == 2 and "different settings (weights:" in log, log
+
+
+def test_sampled_resume_keeps_each_questions_seed(tiny_llama_dir, five_questions, tmp_path, capsys):
+    flags = ["--model", tiny_llama_dir, "--dataset", five_questions, "--max-new-tokens", 3, "--samples", 2,
+             "--batch-size", 2]
+    assert run_cli([*flags, "--out", tmp_path / "straight.jsonl"], capsys)[0] == 0
+    assert run_cli([*flags, "--out", tmp_path / "resumed.jsonl", "--limit", 2], capsys)[0] == 0
+    assert run_cli([*flags, "--out", tmp_path / "resumed.jsonl"], capsys)[0] == 0
+    a, b = ([json.loads(line)["sample_rationales"] for line in open(tmp_path / f)]
+            for f in ("straight.jsonl", "resumed.jsonl"))
+    assert a == b
+
+
+def test_overwrite_keeps_every_earlier_file_and_ctrl_c_is_one_line(tiny_llama_dir, five_questions, tmp_path,
+                                                                     monkeypatch, capsys):
+    out = tmp_path / "r.jsonl"
+    base = ["--model", tiny_llama_dir, "--dataset", five_questions, "--out", out, "--max-new-tokens", 2]
+    for limit in (1, 2, 3):
+        assert run_cli([*base, "--limit", limit, "--overwrite"], capsys)[0] == 0
+    assert [len(Path(f"{out}{s}").read_text().splitlines()) for s in (".bak", ".bak1", "")] == [1, 2, 3]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "evaluate", interrupted)
+    code, log = run_cli([*base, "--limit", 4], capsys)
+    assert code == 130 and log.strip().splitlines() == [log.strip().splitlines()[0]] + [
+        "error: interrupted; the questions finished so far are saved: rerun the same command to resume"], log
+    assert not Path(f"{out}.lock").exists()

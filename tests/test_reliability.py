@@ -597,3 +597,61 @@ def test_an_interrupted_overwrite_is_finished_and_never_splits_the_old_run(tmp_p
     assert f"moved the previous run in {out} to {out}.bak" in p.stdout
     assert snapshot(out + ".bak") == before and not os.path.exists(out + ".bak1")
     assert steps_of(out) == [1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Found by the round-2 sweep of new cases
+
+def test_out_never_writes_over_or_moves_what_is_not_a_run(tmp_path, model_451, gsm6, capsys):
+    model = tmp_path / "m"
+    shutil.copytree(model_451, model)
+    before = snapshot(str(model))
+    for extra in ([], ["--overwrite"]):  # a model directory as --out: its config.json must survive
+        main_error(["--model", str(model), "--dataset", gsm6, "--out", str(model), "--steps", "1", *TINY, *extra],
+                   capsys, f"--out {model}: holds files that are not a training run's", "model.safetensors")
+    assert snapshot(str(model)) == before
+
+
+def test_overwrite_refuses_to_move_its_own_inputs(tmp_path, model_451, gsm6, capsys):
+    out = str(tmp_path / "run")
+    train(["--model", model_451, "--dataset", gsm6, "--out", out, "--steps", "1", *TINY])
+    main_error(["--model", os.path.join(out, "checkpoint-000001"), "--dataset", gsm6, "--out", out, "--steps", "1",
+                "--overwrite", *TINY], capsys, "is inside --out", "--overwrite would move")
+    assert os.path.isdir(os.path.join(out, "checkpoint-000001"))
+
+
+def test_lora_settings_are_fixed_for_a_run_and_merge_never_overwrites(tmp_path, model_451, gsm6, capsys):
+    out = str(tmp_path / "run")
+    train(["--model", model_451, "--dataset", gsm6, "--out", out, "--steps", "2", "--save-every", "1", "--lora", "2",
+           *TINY])
+    ckpt = copy_checkpoint(out, 1, str(tmp_path / "r"))
+    for flag, value in (("--lora", "4"), ("--lora", "0"), ("--lora-alpha", "64")):
+        main_error(["--resume", ckpt, flag, value, "--allow-recipe-change"], capsys,
+                   f"{flag} {value}", "fixed for a run")
+    full = str(tmp_path / "full")
+    train(["--model", model_451, "--dataset", gsm6, "--out", full, "--steps", "1", *TINY])
+    main_error(["--resume", os.path.join(full, "checkpoint-000001"), "--lora", "4", "--steps", "2",
+                "--allow-recipe-change"], capsys,
+               "--lora 4", "the run trains full weights")
+    main_error(["--model", model_451, "--dataset", gsm6, "--lora-alpha", "8"], capsys, "pass --lora R too")
+    adapter = os.path.join(out, "checkpoint-000002")
+    before = snapshot(out)
+    main_error(["--merge-lora", adapter, adapter], capsys, "exists; expected a new directory")
+    main_error(["--merge-lora", model_451, str(tmp_path / "merged")], capsys, "not a LoRA adapter checkpoint")
+    assert snapshot(out) == before
+
+
+def test_best_checkpoint_survives_a_moved_run_and_keep_last(tmp_path, model_451, gsm6):
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n"
+                            for i in range(3)))
+    out = str(tmp_path / "run")
+    flags = [*TINY[:TINY.index("--eval-every")], "--answer-weight", "1", "--seed", "3", "--eval-dataset", str(held),
+             "--eval-limit", "3", "--eval-max-new-tokens", "4", "--keep-last", "1"]
+    train(["--model", model_451, "--dataset", gsm6, "--out", out, "--steps", "2", "--eval-every", "1", *flags])
+    best = json.load(open(os.path.join(out, "best.json")))
+    moved = str(tmp_path / "moved")
+    os.rename(out, moved)
+    train(["--resume", os.path.join(moved, "checkpoint-000002"), "--steps", "4", "--allow-recipe-change"])
+    kept = json.load(open(os.path.join(moved, "best.json")))
+    assert os.path.isdir(os.path.join(moved, kept["checkpoint"])) and kept["step"] >= best["step"]

@@ -513,8 +513,16 @@ def main(argv=None):
     sections = {"sample": (bench_sample, args.dtypes), "score": (bench_score, args.dtypes),
                 "greedy": (bench_greedy, None), "step": (bench_step, args.step_dtypes), "gpu": (bench_gpu, None)}
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
-    if not args.model or not set(names) <= set(sections):
-        sys.exit(f"bench.py: --model is required; --sections is a list of {', '.join(sections)}")
+    dtypes = [d.strip() for d in f"{args.dtypes},{args.step_dtypes}".split(",") if d.strip()]
+    for broken, error in [(not args.model, "--model is required"),
+                          (set(names) - set(sections), f"--sections {args.sections}: expected any of "
+                                                       f"{', '.join(sections)}"),
+                          (set(dtypes) - {"float32", "bfloat16"}, "--dtypes / --step-dtypes: float32 or bfloat16"),
+                          (not os.path.isfile(args.data), f"--data {args.data}: no such file (GSM8K jsonl)"),
+                          (args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))),
+                           f"--out {args.out}: its directory does not exist")]:
+        if broken:  # before anything runs: a long benchmark must not fail at its end
+            sys.exit(f"error: {error}")
     print(f"device {args.device}, threads {args.threads}, torch {torch.__version__}, model {args.model}", flush=True)
     report("section", "ours", "baseline", "ratio", "target / note")
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "argv")}}

@@ -8,6 +8,7 @@ holds on `arith`'s test split but not here is a gain in format, not in reasoning
 steps); a step is (a, op, b), the answer is the last step's result, and record i comes from TEMPLATES[i % 10].
 """
 import json
+import os
 import random
 import sys
 
@@ -116,5 +117,6 @@ def transfer_records(n: int = 200, seed: int = 2024) -> list[dict]:
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not sys.argv[1].endswith(".jsonl"):
         sys.exit("usage: python tools/transfer.py OUT.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(sys.argv[1])), exist_ok=True)
     with open(sys.argv[1], "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in transfer_records())
