@@ -179,7 +179,7 @@ def test_validation_accuracy_is_eval_py_on_those_weights_and_the_best_checkpoint
     assert best["step"] == best_step and best["checkpoint"].endswith(f"checkpoint-{best_step:06d}")
     kept = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
     assert kept == sorted({f"checkpoint-{best_step:06d}", "checkpoint-000003"})  # --keep-last 1, plus the best
-    assert f"best {best['checkpoint']} (step {best_step}" in p.stdout
+    assert f"best {os.path.join(out, best['checkpoint'])} (step {best_step}" in p.stdout
     for model, step in ((tiny_llama_dir, 0), (os.path.join(out, "checkpoint-000003"), 3)):
         result = str(tmp_path / f"eval-{step}.jsonl")
         e = run_command([sys.executable, "eval.py", "--model", model, "--dataset", held_out_file, "--limit", "5",
