@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from decimal import Decimal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def is_correct(example: data.Example, answer: str | None) -> bool:
         return False
     if example.task == "arc_challenge":
         return answer == example.label
-    return float(answer) == float(example.answer)  # both parsed from text: "18.0" == "18", but 1000001 != 1000000
+    return Decimal(answer) == Decimal(example.answer)  # exact: "18.0" == "18", 2**53 + 1 != 2**53
 
 
 # A number: "1,080" (thousands separators only in groups of three), "18", "3.5", ".5". A "-" is a sign only when it
@@ -360,6 +361,9 @@ def resumable(out: Path, settings: dict, overwrite: bool) -> dict[str, dict]:
         previous = json.loads(summary_file.read_text()).get("settings") or {}
     except (json.JSONDecodeError, AttributeError):
         raise ValueError(f"{summary_file}: not a summary written by eval.py; {retry}") from None
+    if "weights" not in previous:
+        raise ValueError(f"{out} was written by an eval.py that did not record the model's weights, so they cannot be "
+                         f"checked; {retry}")
     if previous != settings:
         differ = ", ".join(f"{k}: {previous.get(k)!r} there, {v!r} now"
                            for k, v in settings.items() if previous.get(k) != v)

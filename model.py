@@ -938,6 +938,9 @@ def fingerprint(directory):
             for i in range(64):
                 f.seek(8 + n + (size - 8 - n) * i // 64)
                 h.update(f.read(4096))
+    adapter = os.path.join(directory, "adapter_config.json")
+    if os.path.isfile(adapter):  # an adapter's model is its base's weights too
+        h.update(fingerprint(resolve(_read_json(adapter).get("base_model_name_or_path") or "")).encode())
     return h.hexdigest()[:16]
 
 

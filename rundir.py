@@ -31,6 +31,8 @@ from parallel import first_error, unwrap
 LOCK = ".lock"
 MOVING = ".moving"  # an --overwrite in progress
 RUN_FILES = ("metrics.jsonl", "config.json", "best.json", "test.json", "curves.png", "eval", MOVING)  # + checkpoints
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_config.json", "trainer_state.json",
+               "tokenizer.json")  # a model or a checkpoint: never a run's --out
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 # Flags that decide which questions a step sees and what it optimises (--steps sets the learning-rate decay): a
 # resumed run keeps the recorded values, and changing one is an error unless --allow-recipe-change (the change is
@@ -50,7 +52,7 @@ class SaveFailed(RuntimeError):
 def one_line(e):
     """An error as one line: an OSError as 'file: reason' (a full disk, a read-only directory), else its message."""
     if isinstance(e, OSError) and e.strerror:
-        return f"{e.filename or 'a file'}: could not write ({e.strerror})"
+        return f"{e.filename or 'the output'}: could not write ({e.strerror})"
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
@@ -92,6 +94,8 @@ def remove_partials(out):
         if name.startswith("checkpoint-") and ".partial" in name:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             removed.append(name)
+        elif name.endswith(".tmp") and run_entry(name):  # an atomic write of a run file that was killed
+            os.remove(path)
         elif name.startswith("checkpoint-") and name.endswith(".old"):
             final = path[:-len(".old")]
             if os.path.isdir(final):
@@ -101,6 +105,12 @@ def remove_partials(out):
     if removed:
         print(f"note: {out}: removed {len(removed)} partial checkpoint(s) of an interrupted save: "
               f"{', '.join(removed)}", flush=True)
+
+
+def run_entry(name):
+    """Whether an entry of a run directory is the run's own: what --overwrite moves aside."""
+    return name in RUN_FILES or bool(CHECKPOINT.match(name.split(".")[0])) or \
+        name.endswith(".tmp") and any(name.startswith(f + ".") for f in RUN_FILES)
 
 
 def holds_run(out):
@@ -113,11 +123,12 @@ def move_run_aside(out):
     moving = os.path.join(out, MOVING)
     os.makedirs(moving, exist_ok=True)
     for name in os.listdir(out):
-        if name not in (LOCK, MOVING):
+        if run_entry(name) and name != MOVING:  # the run's own files only: other files stay where they are
             os.replace(os.path.join(out, name), os.path.join(moving, name))
-    backup, n = out.rstrip("/") + ".bak", 1
+    base = os.path.abspath(out)
+    backup, n = base + ".bak", 1
     while os.path.exists(backup):
-        backup, n = f"{out.rstrip('/')}.bak{n}", n + 1
+        backup, n = f"{base}.bak{n}", n + 1
     os.replace(moving, backup)
     print(f"--overwrite: moved the previous run in {out} to {backup}", flush=True)
 
@@ -149,11 +160,10 @@ def prepare_run_dir(args, start):
         raise ValueError(f"--out {out}: not writable")
     lock = take_lock(out)
     try:
-        foreign = sorted(n for n in os.listdir(out) if not (n in RUN_FILES or CHECKPOINT.match(n.split(".")[0]) or
-                                                              n.startswith(LOCK)))
-        if foreign:  # a model, a checkpoint, data, notes: never written over, never moved by --overwrite
-            raise ValueError(f"--out {out}: holds files that are not a training run's ({', '.join(foreign[:4])}"
-                             f"{', ...' if len(foreign) > 4 else ''}); choose a new or empty directory")
+        model = [n for n in MODEL_FILES if os.path.exists(os.path.join(out, n))]
+        if model:  # its config.json is not ours to write
+            raise ValueError(f"--out {out}: holds a model or a checkpoint ({model[0]}); a run needs a directory of "
+                             "its own")
         remove_partials(out)
         if os.path.isdir(os.path.join(out, MOVING)):  # an --overwrite was killed part-way: finish it first
             move_run_aside(out)
@@ -370,13 +380,13 @@ def read_resume_state(args):
     return state
 
 
-def restore_run_args(args, state, world):
+def restore_run_args(args, state, world, planning=False):
     """--resume continues the same run: every flag not given now takes the value recorded in the checkpoint. A
     given flag that changes the data order or the objective (RECIPE) is an error unless --allow-recipe-change;
     allowed changes are recorded, with the step they started at, in args.recipe_changes."""
     saved = state.get("args") or {}
     steps = args.steps if "steps" in args.explicit else saved.get("steps")
-    if steps is not None and steps <= state["step"]:
+    if steps is not None and steps <= state["step"] and not planning:
         raise ValueError(f"--steps {steps}: {args.resume} is already at step {state['step']}; to train further, "
                          f"pass --steps N > {state['step']} with --allow-recipe-change (a longer run has another "
                          "learning-rate decay)")

@@ -308,7 +308,8 @@ def setup(args, run, inputs, resume_state):
     prompts = {}
     run.prompt = lambda i: prompts.get(i) or prompts.setdefault(i, data.chat_prompt(run.tokenizer, run.examples[i]))
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    run.log = lambda m: rundir.append_metrics(metrics_path, m)
+    wandb_run = start_wandb(args) if args.wandb and run.rank == 0 else None
+    run.log = lambda m: (rundir.append_metrics(metrics_path, m), wandb_run and wandb_run.log(m, step=m["step"]))
     if run.rank == 0:
         if resume_state:
             rundir.truncate_metrics(metrics_path, run.status["step"])
@@ -604,6 +605,15 @@ def print_preflight(args, run, compute_dtype, memory):
           f"({run.examples[0].task} prompts), beta {args.beta} | steps {run.status['step']}->{args.steps}", flush=True)
 
 
+def start_wandb(args):
+    try:
+        import wandb
+    except ImportError:
+        print("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only", flush=True)
+        return None
+    return wandb.init(project=args.wandb, config=vars(args))
+
+
 def progress_line(m):
     if "reward" in m:
         return (f"step {m['step']:>4} | loss {m['loss']:+.4f} | reward {m['reward']:8.3f} | kl {m['kl']:+.4f} | "
@@ -689,7 +699,7 @@ def main(argv=None):
         elif args.plan:  # the memory plan of the run these flags describe, simulated on the CPU
             from tools import plan  # a tool, imported only when asked for
             if args.resume:
-                rundir.restore_run_args(args, rundir.read_resume_state(args), args.nproc or 1)
+                rundir.restore_run_args(args, rundir.read_resume_state(args), args.nproc or 1, planning=True)
             fill_defaults(args)
             world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
             check_args(args, world)

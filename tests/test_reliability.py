@@ -608,8 +608,15 @@ def test_out_never_writes_over_or_moves_what_is_not_a_run(tmp_path, model_451, g
     before = snapshot(str(model))
     for extra in ([], ["--overwrite"]):  # a model directory as --out: its config.json must survive
         main_error(["--model", str(model), "--dataset", gsm6, "--out", str(model), "--steps", "1", *TINY, *extra],
-                   capsys, f"--out {model}: holds files that are not a training run's", "model.safetensors")
+                   capsys, f"--out {model}: holds a model or a checkpoint (model.safetensors)")
     assert snapshot(str(model)) == before
+    out = tmp_path / "run"  # --overwrite moves the old run's own files aside, and nothing else
+    train(["--model", model_451, "--dataset", gsm6, "--out", str(out), "--steps", "1", *TINY])
+    (out / "notes.txt").write_text("mine")
+    (out / "metrics.jsonl.a1b2.tmp").write_text("{")  # an atomic write killed part-way
+    train(["--model", model_451, "--dataset", gsm6, "--out", str(out), "--steps", "1", "--overwrite", *TINY])
+    assert (out / "notes.txt").read_text() == "mine" and not (tmp_path / "run.bak" / "notes.txt").exists()
+    assert not (out / "metrics.jsonl.a1b2.tmp").exists() and (tmp_path / "run.bak" / "metrics.jsonl").exists()
 
 
 def test_overwrite_refuses_to_move_its_own_inputs(tmp_path, model_451, gsm6, capsys):
