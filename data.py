@@ -292,8 +292,8 @@ def write_json(path, obj) -> None:
 
 
 def read_jsonl_rows(path, what: str) -> list[tuple[int, dict]]:
-    """(line number, object) for each line of a .jsonl file that a run appends to (eval.py's results,
-    train.py's metrics). A last line cut off mid-write (no newline, not JSON) is dropped; a bad line elsewhere is an error."""
+    """(line number, object) for each line of a .jsonl file that a run appends to (eval.py's results, train.py's
+    metrics). A last line cut off mid-write (no newline, not JSON) is dropped; a bad line elsewhere is an error."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     rows = []

@@ -273,7 +273,7 @@ def compute_advantages(policy, reference, ro, cfg, correct=None, progress=None):
     if cfg.reward_kind == "exact":                                   # the ablation: R = 1[stated answer == gold]
         reward = torch.as_tensor(correct, device=reward.device).float()
     penalised = reward
-    if cfg.nonstop_penalty and cfg.reward_kind == "self":         # non-stop penalty: R := gamma * mean(R) if not stopped
+    if cfg.nonstop_penalty and cfg.reward_kind == "self":    # non-stop penalty: R := gamma * mean(R) if not stopped
         penalised = penalised_reward(reward, ro.stopped, cfg.penalty_factor)
     r = adjusted_reward(penalised, logp, logp_ref, cfg.beta)                          # r = R - beta * KL
     advantages = rloo_advantages(r, cfg.num_samples)                                  # A_k = r_k - mean_{j!=k} r_j

@@ -273,7 +273,8 @@ class FusedLogProbs(torch.autograd.Function):
         h, weight, targets = ctx.saved_tensors
         tau, chunk = ctx.temperature, ctx.chunk
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
+            if ctx.needs_input_grad[1] else None
         # Recompute under the forward's autocast state (as torch.amp.custom_bwd does): a backward run outside autocast
         # would otherwise recompute fp32 logits for a forward that used bf16 ones.
         device, enabled, dtype = ctx.autocast

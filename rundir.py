@@ -1,4 +1,5 @@
-"""How a training run lives on disk: its run directory, checkpoints, resume state and metrics.
+"""How a training run lives on disk and on the console: its run directory, checkpoints, resume state, metrics, and
+the lines it prints.
 
 A run directory (--out) holds config.json, metrics.jsonl (one line per step, plus a step-0 line with the base
 model's validation accuracy), curves.png, eval/step-NNNNNN.jsonl (the evaluated rationales), best.json (the
@@ -19,13 +20,15 @@ import json
 import os
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 import data
-from model import ALIASES, save, save_adapter
 import parallel
+from model import ALIASES, save, save_adapter
 from parallel import first_error, unwrap
 
 LOCK = ".lock"
@@ -533,3 +536,102 @@ def plot_curves(runs, path_png, keys=("eval_accuracy", "reward", "kl", "rational
     fig.tight_layout(rect=(0, 0, 1, 0.86 if len(logs) > 1 else 1))
     fig.savefig(path_png)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a run prints: the preflight line (after the memory plan on a GPU), a line per step, a summary
+
+def split_label(args):
+    name = os.path.basename(args.eval_dataset or args.dataset).removesuffix(".jsonl")
+    return f"{name} {args.eval_split}" if not args.eval_dataset else name
+
+
+def accuracy_text(summary, label):
+    g = summary["metrics"]["greedy"]
+    return (f"{label} accuracy {g['accuracy']:.1%} ({g['correct']}/{g['n']}, 95% CI {g['ci95'][0]:.1%}-"
+            f"{g['ci95'][1]:.1%}, greedy)")
+
+
+def print_preflight(args, run, compute_dtype, memory):
+    n_params = sum(p.numel() for p in parallel.unwrap(run.policy).parameters())
+    lora = f"LoRA r={args.lora}, {sum(p.numel() for _, p in trainable(run.policy)) / 1e6:.2f}M trained | " \
+        if args.lora else ""
+    print(f"preflight | model {args.model} | {n_params / 1e6:.1f}M params | {lora}world {run.world} | "
+          f"{'FSDP2' if run.sharded else 'DDP' if run.world > 1 else 'single'} | compute {str(compute_dtype)[6:]} | "
+          f"activation checkpointing {'on' if parallel.checkpointing_on(args, run.sharded) else 'off'} | "
+          f"{args.recipe} recipe | {memory} | {len(run.examples)} questions | "
+          f"{args.questions_per_step} questions x K={args.num_samples} per step | {os.path.basename(args.dataset)} "
+          f"({run.examples[0].task} prompts), beta {args.beta} | steps {run.status['step']}->{args.steps}", flush=True)
+
+
+def start_wandb(args):
+    try:
+        import wandb
+    except ImportError:
+        print("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only", flush=True)
+        return None
+    return wandb.init(project=args.wandb, config=vars(args))
+
+
+def progress_line(m):
+    if "reward" in m:
+        return (f"step {m['step']:>4} | loss {m['loss']:+.4f} | reward {m['reward']:8.3f} | kl {m['kl']:+.4f} | "
+                f"len {m['rationale_len']:5.1f} | stop {m['stop_rate']:.2f} | acc {m['accuracy']:.2f} | "
+                f"sample {m['sample_tokens_per_s']:.0f} tok/s | step {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e}")
+    return f"step {m['step']:>4} | sft loss {m['loss']:.4f} | {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e}"
+
+
+def print_summary(args, run, seconds):
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    rows = read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
+    plot_curves(metrics_path, os.path.join(args.out, "curves.png"))
+    last = next((row for row in reversed(rows) if "loss" in row), {})
+    best = read_best(args.out)
+    final = f"reward {last['reward']:.3f} kl {last['kl']:.4f}" if "reward" in last else \
+        f"loss {last.get('loss', float('nan')):.4f}"
+    print(f"done | {args.method} {args.model} on {args.dataset} | steps ->{args.steps} in {seconds:.0f}s | final "
+          f"{final} | checkpoint "
+          f"{run.last_saved or 'none'} | best {best['checkpoint'] if best else 'none'} (step "
+          f"{best['step'] if best else '-'}, {split_label(args)} accuracy "
+          f"{best['eval_accuracy'] if best else float('nan'):.1%}) | metrics {metrics_path}", flush=True)
+    if getattr(run, "test", None):
+        base, after, best = run.test
+        print(f"test accuracy | {base['accuracy']:.1%} base model -> {after['accuracy']:.1%} at step {best['step']} "
+              f"(chosen on {split_label(args)}) | {after['n']} {os.path.basename(args.dataset)} test questions, "
+              f"greedy | whole run {seconds / 60:.0f} min", flush=True)
+
+
+class StepProgress:
+    """Progress inside a step, fed by latro.sample, compute_advantages and backward_on_rollout: on a terminal one
+    line rewritten in place; into a file a plain line at most every `every` seconds."""
+
+    UNITS = {"sample": "decoding steps", "score": "micro-batches", "train": "micro-batches"}
+
+    def __init__(self, step, stream=None, every=30.0):
+        self.step, self.stream = step, stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.every = 0.5 if self.tty else every
+        self.phase, self.width = None, 0
+        self.phase_start = self.last = time.time()
+
+    def __call__(self, phase, done, total, rows_finished, rows, tokens):
+        now = time.time()
+        if phase != self.phase:
+            self.phase, self.phase_start = phase, now
+        if now - self.last < self.every and not (self.tty and done == total):
+            return
+        self.last, elapsed = now, now - self.phase_start
+        eta = elapsed / done * (total - done)
+        text = f"step {self.step} | {phase} {done}/{total} {self.UNITS[phase]} | {rows_finished}/{rows} rows done"
+        if phase == "sample":  # rows may stop early, so the decoding-step ETA is an upper bound
+            text += f" | {tokens} tokens, {tokens / max(elapsed, 1e-9):.0f} tok/s | ETA <= {eta:.0f}s"
+        else:
+            text += f" | ETA {eta:.0f}s"
+        self.stream.write("\r" + text.ljust(self.width) if self.tty else text + "\n")
+        self.width = len(text)
+        self.stream.flush()
+
+    def close(self):
+        if self.tty and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()

@@ -59,7 +59,7 @@ def train_loop(args, run, start):
         ids = ids[rank * per_rank:(rank + 1) * per_rank]                                    # this rank's share
         batch = [run.examples[i] for i in ids]
         prompts = [run.prompt(i) for i in ids]
-        progress = StepProgress(step + 1) if rank == 0 else None
+        progress = rundir.StepProgress(step + 1) if rank == 0 else None
         if args.method == "latro":
             sampler.eval()  # no dropout while sampling and scoring (under LoRA the sampler is the policy)
             ro = latro.sample(sampler, tokenizer, prompts, [e.answer_text for e in batch], cfg,           # z ~ pi
@@ -98,14 +98,15 @@ def train_loop(args, run, start):
         m.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], seconds=elapsed,
                  tokens_per_s=tokens * world / elapsed, peak_memory_gb=parallel.peak_memory(run.device) / 2**30)
         if rank == 0:
-            print(progress_line(m), flush=True)
+            print(rundir.progress_line(m), flush=True)
         evaluated = run.evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps)
         if evaluated:
             m |= run.evaluate(step + 1)
         if rank == 0:
             run.log(m)
         best = evaluated and new_best(run, m)
-        if not args.no_save and (best or step + 1 == args.steps or args.save_every and (step + 1) % args.save_every == 0):
+        saving = best or step + 1 == args.steps or args.save_every and (step + 1) % args.save_every == 0
+        if saving and not args.no_save:
             run.last_saved = rundir.save_checkpoint(args.out, step + 1, policy, sampler, tokenizer, optimizer,
                                                     run.sharded, rank, world, args)
             if best and rank == 0:
@@ -240,7 +241,7 @@ def train(args):
         if run.lock:
             parallel.release_lock(run.lock)
     if rank == 0:
-        print_summary(args, run, time.time() - t_run)
+        rundir.print_summary(args, run, time.time() - t_run)
 
 
 def check_inputs(args, run, resume_state):
@@ -308,13 +309,13 @@ def setup(args, run, inputs, resume_state):
     prompts = {}
     run.prompt = lambda i: prompts.get(i) or prompts.setdefault(i, data.chat_prompt(run.tokenizer, run.examples[i]))
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    wandb_run = start_wandb(args) if args.wandb and run.rank == 0 else None
+    wandb_run = rundir.start_wandb(args) if args.wandb and run.rank == 0 else None
     run.log = lambda m: (rundir.append_metrics(metrics_path, m), wandb_run and wandb_run.log(m, step=m["step"]))
     if run.rank == 0:
         if resume_state:
             rundir.truncate_metrics(metrics_path, run.status["step"])
         data.write_json(os.path.join(args.out, "config.json"), {"args": vars(args), "latro": asdict(run.cfg)})
-        print_preflight(args, run, compute_dtype, memory)
+        rundir.print_preflight(args, run, compute_dtype, memory)
     run.evaluate, run.best = None, parallel.on_rank0(run.rank, lambda: rundir.best_so_far(args.out))
     if args.eval_every:
         run.evaluate = lambda step: evaluate_split(args, run, eval_examples, step)
@@ -350,10 +351,10 @@ def evaluate_split(args, run, examples, step):
     if run.rank == 0:
         data.write_atomic(os.path.join(args.out, "eval", f"step-{step:06d}.jsonl"),
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
-        print(f"eval | step {step} | {accuracy_text(summary, split_label(args))} | {summary['seconds']:.0f}s",
-              flush=True)
+        print(f"eval | step {step} | {rundir.accuracy_text(summary, rundir.split_label(args))} | "
+              f"{summary['seconds']:.0f}s", flush=True)
     return {"eval_accuracy": summary["accuracy"], "eval_tokens": summary["generated_tokens"] / summary["n"],
-            "eval_questions": summary["n"], "eval_split": split_label(args)}
+            "eval_questions": summary["n"], "eval_split": rundir.split_label(args)}
 
 
 def report_test(args, run):
@@ -396,7 +397,8 @@ def stopped(args, run, why):
     last = (rundir.checkpoints(args.out) or [None])[-1]
     launcher = f"torchrun --nproc_per_node {run.world} train.py" if run.world > 1 else "python train.py"
     e = TrainingStopped(
-        (f"rank {run.rank}: " if why == "a peer process was lost" else "") + f"{why} during step {step + 1} ({step} of {args.steps} done); " +
+        (f"rank {run.rank}: " if why == "a peer process was lost" else "") +
+        f"{why} during step {step + 1} ({step} of {args.steps} done); " +
         (f"last checkpoint: {last}; continue with: {launcher} --resume {last}" if last else
          "no checkpoint written yet (--save-every N writes some); start again" +
          (" with --overwrite" if os.path.isdir(args.out) and rundir.holds_run(args.out) else "")))
@@ -433,7 +435,8 @@ RANGES = {"--steps": P, "--questions-per-step": P, "--num-samples": (lambda v: v
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--model", default=None, help=f"local HF directory, hub id, or alias ({', '.join(ALIASES)}); default "
         "smollm2-135m, or the resumed run's model")
@@ -478,7 +481,7 @@ def parse_args(argv=None):
     add("--plan", action="store_true", help="print the memory plan of this configuration (simulated on the CPU: "
         "no GPU, weights or data needed) and exit")
     add("--nproc", type=int, default=None, help="with --plan: the number of GPUs (default: WORLD_SIZE or 1)")
-    add("--gpu-memory", type=float, default=None, help="GiB per GPU to plan against (default: the GPU's; 80 with --plan)")
+    add("--gpu-memory", type=float, default=None, help="GiB per GPU to plan against (default: the GPU's; 80 for --plan)")
     add("--no-plan", action="store_true", help="skip the memory plan in the preflight of a GPU run")
     add("--plan-prompt-tokens", type=int, default=None, help="prompt length the plan assumes (default 250)")
     add("--out", default=None, help="run directory (default runs/<method>-<dataset>)")
@@ -577,105 +580,6 @@ def check_args(args, world):
         if args.test_limit and args.dataset not in data.SPLITS:
             raise ValueError(f"--test-limit {args.test_limit}: --dataset {args.dataset} has no test split here; "
                              "pass --test-limit 0 and run eval.py on your test file")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# What a run prints: the preflight line (after the memory plan on a GPU), a line per step, a summary
-
-def split_label(args):
-    name = os.path.basename(args.eval_dataset or args.dataset).removesuffix(".jsonl")
-    return f"{name} {args.eval_split}" if not args.eval_dataset else name
-
-
-def accuracy_text(summary, label):
-    g = summary["metrics"]["greedy"]
-    return (f"{label} accuracy {g['accuracy']:.1%} ({g['correct']}/{g['n']}, 95% CI {g['ci95'][0]:.1%}-"
-            f"{g['ci95'][1]:.1%}, greedy)")
-
-
-def print_preflight(args, run, compute_dtype, memory):
-    n_params = sum(p.numel() for p in parallel.unwrap(run.policy).parameters())
-    lora = f"LoRA r={args.lora}, {sum(p.numel() for _, p in rundir.trainable(run.policy)) / 1e6:.2f}M trained | " \
-        if args.lora else ""
-    print(f"preflight | model {args.model} | {n_params / 1e6:.1f}M params | {lora}world {run.world} | "
-          f"{'FSDP2' if run.sharded else 'DDP' if run.world > 1 else 'single'} | compute {str(compute_dtype)[6:]} | "
-          f"activation checkpointing {'on' if parallel.checkpointing_on(args, run.sharded) else 'off'} | "
-          f"{args.recipe} recipe | {memory} | {len(run.examples)} questions | "
-          f"{args.questions_per_step} questions x K={args.num_samples} per step | {os.path.basename(args.dataset)} "
-          f"({run.examples[0].task} prompts), beta {args.beta} | steps {run.status['step']}->{args.steps}", flush=True)
-
-
-def start_wandb(args):
-    try:
-        import wandb
-    except ImportError:
-        print("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only", flush=True)
-        return None
-    return wandb.init(project=args.wandb, config=vars(args))
-
-
-def progress_line(m):
-    if "reward" in m:
-        return (f"step {m['step']:>4} | loss {m['loss']:+.4f} | reward {m['reward']:8.3f} | kl {m['kl']:+.4f} | "
-                f"len {m['rationale_len']:5.1f} | stop {m['stop_rate']:.2f} | acc {m['accuracy']:.2f} | "
-                f"sample {m['sample_tokens_per_s']:.0f} tok/s | step {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e}")
-    return f"step {m['step']:>4} | sft loss {m['loss']:.4f} | {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e}"
-
-
-def print_summary(args, run, seconds):
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    rows = rundir.read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
-    rundir.plot_curves(metrics_path, os.path.join(args.out, "curves.png"))
-    last = next((row for row in reversed(rows) if "loss" in row), {})
-    best = rundir.read_best(args.out)
-    final = f"reward {last['reward']:.3f} kl {last['kl']:.4f}" if "reward" in last else \
-        f"loss {last.get('loss', float('nan')):.4f}"
-    print(f"done | {args.method} {args.model} on {args.dataset} | steps ->{args.steps} in {seconds:.0f}s | final "
-          f"{final} | checkpoint "
-          f"{run.last_saved or 'none'} | best {best['checkpoint'] if best else 'none'} (step "
-          f"{best['step'] if best else '-'}, {split_label(args)} accuracy "
-          f"{best['eval_accuracy'] if best else float('nan'):.1%}) | metrics {metrics_path}", flush=True)
-    if getattr(run, "test", None):
-        base, after, best = run.test
-        print(f"test accuracy | {base['accuracy']:.1%} base model -> {after['accuracy']:.1%} at step {best['step']} "
-              f"(chosen on {split_label(args)}) | {after['n']} {os.path.basename(args.dataset)} test questions, "
-              f"greedy | whole run {seconds / 60:.0f} min", flush=True)
-
-
-class StepProgress:
-    """Progress inside a step, fed by latro.sample, compute_advantages and backward_on_rollout: on a terminal one
-    line rewritten in place; into a file a plain line at most every `every` seconds."""
-
-    UNITS = {"sample": "decoding steps", "score": "micro-batches", "train": "micro-batches"}
-
-    def __init__(self, step, stream=None, every=30.0):
-        self.step, self.stream = step, stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.every = 0.5 if self.tty else every
-        self.phase, self.width = None, 0
-        self.phase_start = self.last = time.time()
-
-    def __call__(self, phase, done, total, rows_finished, rows, tokens):
-        now = time.time()
-        if phase != self.phase:
-            self.phase, self.phase_start = phase, now
-        if now - self.last < self.every and not (self.tty and done == total):
-            return
-        self.last, elapsed = now, now - self.phase_start
-        eta = elapsed / done * (total - done)
-        text = f"step {self.step} | {phase} {done}/{total} {self.UNITS[phase]} | {rows_finished}/{rows} rows done"
-        if phase == "sample":  # rows may stop early, so the decoding-step ETA is an upper bound
-            text += f" | {tokens} tokens, {tokens / max(elapsed, 1e-9):.0f} tok/s | ETA <= {eta:.0f}s"
-        else:
-            text += f" | ETA {eta:.0f}s"
-        self.stream.write("\r" + text.ljust(self.width) if self.tty else text + "\n")
-        self.width = len(text)
-        self.stream.flush()
-
-    def close(self):
-        if self.tty and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
 
 
 def merge_adapter(adapter, out, dtype="auto"):

@@ -408,9 +408,9 @@ def test_generate_reports_progress_that_adds_up(model_451):
 
 
 def test_step_progress_prints_plain_lines_to_a_file_and_rewrites_one_line_on_a_terminal():
-    import train as trainer
+    import rundir
     log = io.StringIO()
-    p = trainer.StepProgress(3, stream=log, every=0.0)
+    p = rundir.StepProgress(3, stream=log, every=0.0)
     p("sample", done=2, total=8, rows_finished=1, rows=4, tokens=7)
     p("score", done=1, total=2, rows_finished=4, rows=8, tokens=0)
     lines = log.getvalue().splitlines()
@@ -421,7 +421,7 @@ def test_step_progress_prints_plain_lines_to_a_file_and_rewrites_one_line_on_a_t
         def isatty(self):
             return True
     term = Terminal()
-    p = trainer.StepProgress(3, stream=term)
+    p = rundir.StepProgress(3, stream=term)
     p("sample", done=8, total=8, rows_finished=4, rows=4, tokens=20)
     p.close()
     assert term.getvalue().startswith("\rstep 3 | sample 8/8") and term.getvalue().endswith("\r")
@@ -530,7 +530,7 @@ def test_a_full_disk_while_logging_is_one_line_and_leaves_no_torn_record(tmp_pat
                       *TINY], capsys, "metrics.jsonl: could not write (No space left on device)", rc=1)
     assert "continue with: python train.py --resume" in err and err.endswith("checkpoint-000001")
     monkeypatch.undo()
-    p = train(["--resume", os.path.join(out, "checkpoint-000001")])  # the rerun resumes cleanly
+    train(["--resume", os.path.join(out, "checkpoint-000001")])  # the rerun resumes cleanly
     assert steps_of(out) == [1, 2, 3]
 
 

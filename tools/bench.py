@@ -259,7 +259,8 @@ def ours_step(policy, reference, tokenizer, prompts, answers, cfg, seeds, meter)
     positions = sum(mb.tokens.shape[1] - 1 for mb in latro.micro_batches(ro, cfg.micro_batch_size, cfg.num_samples))
     z = [ro.tokens[i, p:r].tolist() for i, (p, r) in enumerate(zip(ro.prompt_end.tolist(), ro.rationale_end.tolist()))]
     return {"rows": len(z), "generated_tokens": ro.sampled_tokens, "rationale_tokens": sum(map(len, z)),
-            "answer_tokens": int((ro.answer_end - ro.rationale_end).sum()), "stop_rate": ro.stopped.float().mean().item(),
+            "answer_tokens": int((ro.answer_end - ro.rationale_end).sum()),
+            "stop_rate": ro.stopped.float().mean().item(),
             "positions_score": 2 * positions, "positions_backward": positions, "loss": loss, "rationales": z,
             **{k: getattr(terms, k).tolist() for k in ("logp", "logp_ref", "reward", "advantages")}}
 
@@ -394,8 +395,8 @@ def bench_step(args, dtype_name):
     for p in (*PHASES, "total"):
         report(f"{tag} {p} s", f"{o['time_s'][p]:.2f}", f"{b['time_s'][p]:.2f}", f"{q['time_' + p]:.3f}",
                f"vs official, median of {args.step_runs} step(s)")
-    report(f"{tag} peak {'GPU' if o['memory_metric'].startswith('cuda') else 'RSS'} MiB", f"{o['peak_bytes'] / MiB:.0f}",
-           f"{b['peak_bytes'] / MiB:.0f}", f"{q['peak']:.3f}", "vs official")
+    report(f"{tag} peak {'GPU' if o['memory_metric'].startswith('cuda') else 'RSS'} MiB",
+           f"{o['peak_bytes'] / MiB:.0f}", f"{b['peak_bytes'] / MiB:.0f}", f"{q['peak']:.3f}", "vs official")
     report(f"{tag} over wts MiB", f"{o['peak_above_weights_bytes'] / MiB:.0f}",
            f"{b['peak_above_weights_bytes'] / MiB:.0f}", f"{q['peak_above_weights']:.3f}",
            f"peak above the loaded weights; stop rate {o['stop_rate']:.2f} / {b['stop_rate']:.2f}")
@@ -469,7 +470,7 @@ def bench_gpu(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="local HF model directory (or an alias / hub id that model.load accepts)")
-    p.add_argument("--data", default=GSM8K, help="GSM8K jsonl for the prompts (default: ../shared/data/gsm8k/test.jsonl)")
+    p.add_argument("--data", default=GSM8K, help="GSM8K jsonl for the prompts (default: shared/data/gsm8k/test.jsonl)")
     p.add_argument("--sections", default="sample,score,greedy", help="any of sample,score,greedy,step,gpu")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes for the sample and score sections")

@@ -2,35 +2,19 @@
 
     python train.py --model llama-3.1-8b --plan --nproc 8 --gpu-memory 80
 
-How: the model is built from its config.json alone under FakeTensorMode (tensors with shapes, dtypes and devices
-but no data, so an 8B model costs nothing), and the trainer's own code runs on it as rank 0 of N on PyTorch's fake
-process group (backend "fake": every collective is a no-op that returns a tensor of the right shape). The same
-functions as a real run are called: parallel.py's build/wrap (FSDP2 per block + root, or a replica), the scoring
-forward and backward micro-batch by micro-batch (latro.backward_micro_batch -> span_logprobs -> token_logprobs ->
-FusedLogProbs), AdamW, refresh_sampler, and sampling (model.prefill / model.decode_step, the KV cache at its full
-length) and the no-grad scoring with the sampler and the reference. torch.distributed._tools' FSDPMemTracker
-(sharded) or MemTracker (replicated) records every allocation by category; the frozen reference and the bf16
-sampling copy, which no tracker owns, are counted exactly from their tensors.
+The model is built from its config.json under FakeTensorMode (shapes and dtypes, no data), and train.py's own code
+runs on it as rank 0 of N on PyTorch's fake process group: parallel.build_models, the scoring forward and backward
+of a micro-batch (latro.backward_micro_batch), AdamW, refresh_sampler, sampling (prefill and a decode step with the
+KV cache at full length) and the no-grad scoring. FSDPMemTracker (sharded) or MemTracker records every allocation by
+category; the frozen reference and the sampling copy, which no tracker owns, are counted from their tensors.
 
-Fake tensors live on the CPU here. In torch 2.13 FakeTensorMode can fake "cuda" tensors even in a CPU-only build,
-and a cuda DeviceMesh builds on the fake process group, but FSDP2's forward on it fails ("PyTorch is not linked with
-support for cuda devices": it creates CUDA streams and events). A GPU run allocates the same tensors on cuda (the
-code paths are device-agnostic), so the bytes are the same; a replica's bf16 autocast is simulated with CPU
-autocast, whose casts of matmuls and attention are the same as CUDA's. What a CPU simulation cannot see is the CUDA
-context, NCCL buffers and the caching allocator's fragmentation, hence the headroom: a plan "fits" when its peak is
-at most FIT_FRACTION of the card.
-Data-dependent Python (.item(), .tolist(), boolean indexing) has no value on fake tensors, so the simulated path
-uses the sync-free variants of the same functions: every scored row is full length (the memory worst case: every
-rationale runs to L tokens) and scored densely (token_logprobs(dense=True)); sampling runs prefill and one decode
-step at the longest cache length instead of generate()'s loop, whose per-step memory is the same.
-Not simulated: DDP's reducer (it cannot run on fake tensors). A replicated run is simulated as its single-process
-model; with gradient_as_bucket_view=True the gradients are views into DDP's buckets, so this adds no copy.
-AdamW's step is run (it creates the optimizer state) but its transient temporaries are not charged: the tracker
-over-counts them on fake DTensors; for a sharded policy the foreach implementation's one temporary (sqrt of the
-second moments, the size of the fp32 shard) is added instead (a replica's AdamW is fused: no temporary).
-
-Precedent: torchtitan's estimate_memory (FSDPMemTracker on a fake-PG training step). This plan adds the sampling
-phase, the frozen reference and the sampling copy, which an RL step holds besides the training state.
+What it assumes:
+  - worst-case lengths: every rationale runs to L tokens and is scored densely (fake tensors hold no values, so the
+    data-dependent paths take their sync-free variants);
+  - a GPU allocates the same tensors as the CPU simulation (the code is device-agnostic; bf16 autocast is CPU
+    autocast here); the CUDA context, NCCL buffers and fragmentation are not seen, hence FIT_FRACTION;
+  - a replica is simulated as its single-process model (DDP's reducer cannot run on fake tensors; its gradients are
+    views of its buckets); AdamW's transients are not charged, except a sharded policy's foreach temporary.
 """
 import os
 import subprocess
