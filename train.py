@@ -481,7 +481,7 @@ def parse_args(argv=None):
     add("--plan", action="store_true", help="print the memory plan of this configuration (simulated on the CPU: "
         "no GPU, weights or data needed) and exit")
     add("--nproc", type=int, default=None, help="with --plan: the number of GPUs (default: WORLD_SIZE or 1)")
-    add("--gpu-memory", type=float, default=None, help="GiB per GPU to plan against (default: the GPU's; 80 for --plan)")
+    add("--gpu-memory", type=float, default=None, help="GiB per GPU to plan against (the GPU's own; 80 for --plan)")
     add("--no-plan", action="store_true", help="skip the memory plan in the preflight of a GPU run")
     add("--plan-prompt-tokens", type=int, default=None, help="prompt length the plan assumes (default 250)")
     add("--out", default=None, help="run directory (default runs/<method>-<dataset>)")

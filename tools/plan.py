@@ -203,7 +203,8 @@ def simulate(hf_config, world, sharded, compute_dtype, num_samples, questions_pe
             step_peak = tensor_bytes(policy) + (2 if sharded else 1) * trained + tensor_bytes(optimizer) + \
                 train_rows["reference"] + train_rows["sampler copy"]
             questions = min(sample_questions or questions_per_step // world, questions_per_step // world)
-            sample_rows, score_rows = _sample_phases(policy, optimizer, sampler, reference, questions, cfg, prompt_tokens,
+            sample_rows, score_rows = _sample_phases(policy, optimizer, sampler, reference, questions, cfg,
+                                                     prompt_tokens,
                                                      answer_tokens, MemTracker)
             sample_rows.update(frozen)
             score_rows.update(frozen)
@@ -431,5 +432,6 @@ def print_plan(args, world):
              (f", {args.sample_questions} questions per sampling call" if args.sample_questions else "") +
              (f" | LoRA r={args.lora}" if args.lora else "") + f" | {world} x {gpu_memory:g} GiB | "
              f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | {str(compute_dtype)[6:]} | "
-             f"activation checkpointing {'on' if parallel.checkpointing_on(args, sharded) else 'off'} | rank 0 of {world}")
+             f"activation checkpointing {'on' if parallel.checkpointing_on(args, sharded) else 'off'} | "
+             f"rank 0 of {world}")
     print(format_plan(result, title, gpu_memory), flush=True)
