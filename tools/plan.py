@@ -204,8 +204,7 @@ def simulate(hf_config, world, sharded, compute_dtype, num_samples, questions_pe
                 train_rows["reference"] + train_rows["sampler copy"]
             questions = min(sample_questions or questions_per_step // world, questions_per_step // world)
             sample_rows, score_rows = _sample_phases(policy, optimizer, sampler, reference, questions, cfg,
-                                                     prompt_tokens,
-                                                     answer_tokens, MemTracker)
+                                                     prompt_tokens, answer_tokens, MemTracker)
             sample_rows.update(frozen)
             score_rows.update(frozen)
     finally:
