@@ -998,13 +998,20 @@ def read_state(directory, model, device, dtype):
 @contextlib.contextmanager
 def _atomic_dir(out_dir):
     """Yields a temporary directory that replaces out_dir once the block has filled it."""
-    tmp, old = (f"{out_dir.rstrip('/')}.{kind}-{os.getpid()}" for kind in ("tmp", "old"))
+    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     yield tmp
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
+
+
+def replace_dir(tmp, final, old=None):
+    """A complete directory `tmp` takes the place of `final` by renames: a kill leaves either one whole, never a
+    half-written `final` (an existing one waits aside as `old` until the new one is in place)."""
+    old = old or f"{final.rstrip('/')}.old-{os.getpid()}"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -28,7 +28,7 @@ import torch
 
 import data
 import parallel
-from model import ALIASES, save, save_adapter
+from model import ALIASES, replace_dir, save, save_adapter
 from parallel import first_error, unwrap
 
 LOCK = ".lock"
@@ -313,14 +313,9 @@ def save_checkpoint(out_dir, step, policy, sampler, tokenizer, optimizer, sharde
                     os.replace(os.path.join(f"{tmp}.rank{r}", name), os.path.join(tmp, name))
                 os.rmdir(f"{tmp}.rank{r}")
             data.write_json(os.path.join(tmp, "trainer_state.json"),
-                       {"step": step, "base_model": args.model, "method": args.method, "world_size": world,
-                        "sharded": sharded, "args": vars(args)})
-            # a checkpoint is a directory, renamed into place as a whole: data.write_atomic replaces one file
-            old = final + ".old"
-            if os.path.exists(final):
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+                            {"step": step, "base_model": args.model, "method": args.method, "world_size": world,
+                             "sharded": sharded, "args": vars(args)})
+            replace_dir(tmp, final, old=final + ".old")  # remove_partials puts a lone .old back
         except OSError as e:
             error = f"rank 0: {e.strerror or e} ({e.filename})"
     error = first_error(error, world)
