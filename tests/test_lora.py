@@ -75,6 +75,9 @@ def test_adapters_sit_on_every_projection_and_only_they_get_gradients(tiny_llama
             assert p.requires_grad and p.dtype == torch.float32 and p.grad.abs().max() > 0, name
         else:
             assert not p.requires_grad and p.grad is None, name
+    base = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()  # as train.py builds it
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)  # bit-identical
 
 
 def test_bf16_base_with_fp32_adapters(tiny_llama3_dir):
