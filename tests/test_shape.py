@@ -4,6 +4,9 @@ plan, the benchmark, the transfer set) stay out of the five design-card files' m
     python tests/test_shape.py      # prints the import graph, each module's longest chain, and the line counts
 """
 import ast
+import math
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,6 +56,40 @@ def test_the_core_never_imports_a_tool_at_module_level():
     g = graph(top_level_only=True)
     for m in CORE:
         assert not [d for d in g[m] if d.startswith("tools")], (m, g[m])
+
+
+ONE_STEP = """
+import sys, torch
+import latro, model
+policy, tokenizer = model.load(sys.argv[1], "cpu", torch.float32)
+reference, _ = model.load(sys.argv[1], "cpu", torch.float32)
+cfg = latro.LatroConfig(num_samples=2, max_rationale_tokens=6)
+prompts = [tokenizer.encode("What is 2 + 3?"), tokenizer.encode("What is 4 + 4?")]
+ro = latro.sample(policy, tokenizer, prompts, ["The answer is 5.", "The answer is 8."], cfg, seeds=[0, 1])
+terms = latro.compute_advantages(policy, reference, ro, cfg)
+optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+before = [p.detach().clone() for p in policy.parameters()]
+policy.train()
+losses = latro.backward_on_rollout(policy, ro, terms.advantages, cfg)
+optimizer.step()
+moved = sum(not torch.equal(a, p) for a, p in zip(before, policy.parameters()))
+here = sorted(m for m in sys.modules if m in ("data", "eval", "parallel", "rundir", "train", "tools"))
+print(ro.tokens.shape[0], moved, losses["loss"], here)
+"""
+
+
+def test_latro_and_model_alone_run_a_step(tiny_llama_dir, tmp_path):
+    """The copy-paste property: latro.py and model.py copied alone into an empty folder run one LaTRO step (sample,
+    score, backward, optimizer step) on a checkpoint, and import nothing else of the product."""
+    for f in ("latro.py", "model.py"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    (tmp_path / "step.py").write_text(ONE_STEP)
+    p = subprocess.run([sys.executable, "step.py", tiny_llama_dir], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    rows, moved, loss, here = p.stdout.split(maxsplit=3)
+    assert int(rows) == 4 and int(moved) > 0 and here.strip() == "[]", p.stdout
+    assert math.isfinite(float(loss))
 
 
 if __name__ == "__main__":
