@@ -290,10 +290,11 @@ def test_transfer_set_is_self_consistent_and_worded_unlike_arith():
     import re
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from transfer import transfer_records
-    records = transfer_records()
+    records, one_step = transfer_records(), transfer_records(one_step=True)
     assert records == transfer_records() and len({r["question"] for r in records}) == 200
+    assert len({r["question"] for r in one_step}) == 200 and all(r["answer"].count("=") == 1 for r in one_step)
     arith = {e.question for s in ("train", "validation", "test") for e in data.load_dataset("arith", s)}
-    for r in records:
+    for r in records + one_step:
         steps, gold = r["answer"].split(" #### ")
         value = None
         for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", steps):

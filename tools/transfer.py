@@ -1,11 +1,15 @@
 """A transfer test set: arithmetic word problems worded unlike the `arith` training generator.
 
-    python tools/transfer.py runs/transfer.jsonl        # 200 problems, GSM8K layout; then eval.py --dataset it
+    python tools/transfer.py runs/transfer.jsonl              # 200 two- and three-step problems, GSM8K layout
+    python tools/transfer.py runs/transfer1.jsonl --one-step   # 200 one-step problems
+    # then: python eval.py --model CKPT --dataset runs/transfer.jsonl
 
-Its ten templates were written independently of data.arith_examples, with other verbs, sentence shapes, names,
-items, units, number ranges (mostly 10-200) and question wording. Nothing is trained or tuned on it: a gain that
-holds on `arith`'s test split but not here is a gain in format, not in reasoning. Each template returns (question,
-steps); a step is (a, op, b), the answer is the last step's result, and record i comes from TEMPLATES[i % 10].
+Its templates were written independently of data.arith_examples, with other verbs, sentence shapes, names, items,
+units, number ranges and question wording. Nothing is trained or tuned on it: a gain that holds on `arith`'s test
+split but not here is a gain in format, not in reasoning. The default set (numbers mostly 10-200, two or three
+steps) is harder than `arith`; SmolLM2-135M-Instruct scores 1 of 200 on it, so the one-step set (numbers 2-40)
+exists to measure transfer above that floor. Each template returns (question, steps); a step is (a, op, b), the
+answer is the last step's result, and record i comes from templates[i % 10].
 """
 import json
 import os
@@ -90,6 +94,71 @@ def berries(r):
 TEMPLATES = [bakery, shopping, reading, recycling, crayons, cycling, practice, tank, wages, berries]
 
 
+# One step each: the same arithmetic as arith's easier questions, in sentences arith never uses.
+def tulips(r):
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    return (f"A gardener plants {a} rows of tulips with {b} tulips in each row. How many tulips are planted "
+            f"in total?"), [(a, "*", b)]
+
+
+def bus(r):
+    a = r.randint(10, 40)
+    b = r.randint(2, a - 2)
+    return (f"There are {a} passengers on a bus. At the next stop, {b} passengers get off. How many passengers "
+            f"are still on the bus?"), [(a, "-", b)]
+
+
+def library(r):
+    a, b = r.randint(5, 40), r.randint(5, 40)
+    return (f"The school library lent out {a} books in the morning and {b} books in the afternoon. How many "
+            f"books did it lend out that day?"), [(a, "+", b)]
+
+
+def pizza(r):
+    n, plates, each = r.choice(NAMES), r.randint(2, 6), r.randint(2, 8)
+    return (f"{n} cuts {plates * each} slices of pizza and shares them equally among {plates} plates. How many "
+            f"slices are on each plate?"), [(plates * each, "/", plates)]
+
+
+def batteries(r):
+    a, b = r.randint(2, 12), r.randint(2, 6)
+    return f"A pack holds {a} batteries. How many batteries are in {b} packs?", [(a, "*", b)]
+
+
+def temperature(r):
+    a, b = r.randint(2, 25), r.randint(2, 15)
+    return (f"In the morning the temperature was {a} degrees. By noon it had risen by {b} degrees. What was the "
+            f"temperature at noon?"), [(a, "+", b)]
+
+
+def coins(r):
+    n, a = r.choice(NAMES), r.randint(10, 40)
+    b = r.randint(2, a - 2)
+    return (f"A jar contains {a} coins. {n} takes out {b} coins to pay for a snack. How many coins stay in the "
+            f"jar?"), [(a, "-", b)]
+
+
+def laps(r):
+    n, a, b = r.choice(NAMES), r.randint(2, 20), r.randint(2, 20)
+    return f"{n} ran {a} laps on Saturday and {b} laps on Sunday. How many laps did {n} run over the weekend?", \
+        [(a, "+", b)]
+
+
+def chairs(r):
+    a, b = r.randint(3, 9), r.randint(3, 9)
+    return (f"A hall has {a} rows of chairs, and each row seats {b} people. How many people can be seated in "
+            f"the hall?"), [(a, "*", b)]
+
+
+def eggs(r):
+    cartons, size = r.randint(2, 8), r.choice([4, 6, 10, 12])
+    return (f"A farmer collected {cartons * size} eggs and packs them into cartons of {size}. How many cartons "
+            f"does the farmer fill?"), [(cartons * size, "/", size)]
+
+
+ONE_STEP = [tulips, bus, library, pizza, batteries, temperature, coins, laps, chairs, eggs]
+
+
 def solve(steps):
     """Write each step as "a op b = c." and return (text, last result)."""
     parts = []
@@ -101,22 +170,23 @@ def solve(steps):
     return " ".join(parts), c
 
 
-def transfer_records(n: int = 200, seed: int = 2024) -> list[dict]:
+def transfer_records(n: int = 200, seed: int = 2024, one_step: bool = False) -> list[dict]:
     """n distinct problems, deterministic for a seed: [{"question": str, "answer": "<worked steps> #### <int>"}]"""
-    rng = random.Random(seed)
+    rng, templates = random.Random(seed), ONE_STEP if one_step else TEMPLATES
     out, seen = [], set()
     while len(out) < n:
-        question, steps = TEMPLATES[len(out) % len(TEMPLATES)](rng)
+        question, steps = templates[len(out) % len(templates)](rng)
         if question not in seen:  # a duplicate is redrawn from the same template
             seen.add(question)
             text, answer = solve(steps)
-            out.append({"id": f"transfer-{len(out)}", "question": question, "answer": f"{text} #### {answer}"})
+            out.append({"id": f"transfer{'1' * one_step}-{len(out)}", "question": question, "answer": f"{text} #### {answer}"})
     return out
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not sys.argv[1].endswith(".jsonl"):
-        sys.exit("usage: python tools/transfer.py OUT.jsonl")
+    one_step = sys.argv[2:] == ["--one-step"]
+    if len(sys.argv) - one_step != 2 or not sys.argv[1].endswith(".jsonl"):
+        sys.exit("usage: python tools/transfer.py OUT.jsonl [--one-step]")
     os.makedirs(os.path.dirname(os.path.abspath(sys.argv[1])), exist_ok=True)
     with open(sys.argv[1], "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in transfer_records())
+        f.writelines(json.dumps(r) + "\n" for r in transfer_records(one_step=one_step))
