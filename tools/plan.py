@@ -428,7 +428,8 @@ def print_plan(args, world):
     title = (f"memory plan | {args.model}{f' ({alias})' if alias and alias != args.model else ''} | {args.recipe} "
              f"recipe: K={args.num_samples}, L={args.max_rationale_tokens}, {args.questions_per_step} questions/step, "
              f"micro-batch {args.micro_batch_size}" +
-             (f", {args.sample_questions} questions per sampling call" if args.sample_questions else "") +
+             (f", {args.sample_questions} question{'s' * (args.sample_questions > 1)} per sampling call"
+              if args.sample_questions else "") +
              (f" | LoRA r={args.lora}" if args.lora else "") + f" | {world} x {gpu_memory:g} GiB | "
              f"{'FSDP2' if sharded else 'DDP' if world > 1 else 'single'} | {str(compute_dtype)[6:]} | "
              f"activation checkpointing {'on' if parallel.checkpointing_on(args, sharded) else 'off'} | "
