@@ -11,7 +11,7 @@ measured, then a table of all of them. transformers, the oracle, is imported onl
   gpu     a smoke run of train.py on one GPU: a random-weight model of a real model's shape (Llama-3.2-1B or
           SmolLM2-1.7B) with --model's tokenizer, one bf16 LaTRO step (sampling, scoring, backward, AdamW), a
           checkpoint and a resume to step 2; prints the measured peak (torch.cuda.max_memory_allocated) next to the
-          memory plan of the same configuration. --device cpu runs the same steps on the CPU (peak = RSS, not
+          memory plan of the same configuration (--gpu-lora R: with LoRA adapters). --device cpu runs the same steps on the CPU (peak = RSS, not
           comparable).
 
 score and step run each variant in a fresh process, so that neither inherits the other's allocator state or peak.
@@ -441,6 +441,7 @@ def bench_gpu(args):
              "--max-rationale-tokens", str(args.new_tokens), "--micro-batch-size", "4", "--lr", "1e-6", "--seed",
              str(args.seed), "--save-every", "1", "--gpu-memory", str(args.gpu_memory), "--plan-prompt-tokens",
              str(prompt_tokens), "--eval-every", "0", "--steps", "2"]
+    flags += ["--lora", str(args.gpu_lora)] if args.gpu_lora else []
 
     def train(out_dir, *argv):  # train.py for 2 steps; returns its stdout and the losses it logged
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv, "--out", out_dir, *flags],
@@ -457,7 +458,7 @@ def bench_gpu(args):
     os.makedirs(os.path.dirname(resumed_ckpt))
     os.replace(os.path.join(work, "run", "checkpoint-000001"), resumed_ckpt)
     _, resumed = train(os.path.join(work, "resumed"), "--resume", resumed_ckpt)
-    r = {"shape": args.gpu_shape, "device": args.device, "prompt_tokens": prompt_tokens,
+    r = {"shape": args.gpu_shape, "lora": args.gpu_lora, "device": args.device, "prompt_tokens": prompt_tokens,
          "measured_peak_gib": max(row["peak_memory_gb"] for row in rows), "plan_peak_gib": plan and float(plan[1]),
          "step2_loss": rows[-1]["loss"], "resumed_step2_loss": resumed[-1]["loss"], "work_dir": work}
     report("gpu peak GiB", f"{r['measured_peak_gib']:.2f}", "n/a" if plan is None else f"{r['plan_peak_gib']:.2f}",
@@ -496,6 +497,7 @@ def parse_args(argv=None):
     p.add_argument("--gpu-shape", choices=tuple(GPU_SHAPES), default="llama-3.2-1b")
     p.add_argument("--gpu-questions", type=int, default=2, help="questions per step in the gpu section")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB the gpu section's plan is checked against")
+    p.add_argument("--gpu-lora", type=int, default=0, help="gpu section: train LoRA adapters of this rank (0 = full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write all results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one score or step variant (run_worker)
