@@ -11,8 +11,8 @@ measured, then a table of all of them. transformers, the oracle, is imported onl
   gpu     a smoke run of train.py on one GPU: a random-weight model of a real model's shape (Llama-3.2-1B or
           SmolLM2-1.7B) with --model's tokenizer, one bf16 LaTRO step (sampling, scoring, backward, AdamW), a
           checkpoint and a resume to step 2; prints the measured peak (torch.cuda.max_memory_allocated) next to the
-          memory plan of the same configuration (--gpu-lora R: with LoRA adapters). --device cpu runs the same steps on the CPU (peak = RSS, not
-          comparable).
+          memory plan of the same configuration (--gpu-lora R: with LoRA adapters). --device cpu runs the same
+          steps on the CPU (peak = RSS, not comparable).
 
 score and step run each variant in a fresh process, so that neither inherits the other's allocator state or peak.
 """

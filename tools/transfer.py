@@ -173,13 +173,14 @@ def solve(steps):
 def transfer_records(n: int = 200, seed: int = 2024, one_step: bool = False) -> list[dict]:
     """n distinct problems, deterministic for a seed: [{"question": str, "answer": "<worked steps> #### <int>"}]"""
     rng, templates = random.Random(seed), ONE_STEP if one_step else TEMPLATES
+    prefix = "transfer1" if one_step else "transfer"
     out, seen = [], set()
     while len(out) < n:
         question, steps = templates[len(out) % len(templates)](rng)
         if question not in seen:  # a duplicate is redrawn from the same template
             seen.add(question)
             text, answer = solve(steps)
-            out.append({"id": f"transfer{'1' * one_step}-{len(out)}", "question": question, "answer": f"{text} #### {answer}"})
+            out.append({"id": f"{prefix}-{len(out)}", "question": question, "answer": f"{text} #### {answer}"})
     return out
 
 
