@@ -214,7 +214,10 @@ def test_second_run_into_a_busy_dir_is_refused_and_ctrl_c_says_how_to_resume(tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     a = subprocess.Popen([sys.executable, "train.py", "--model", model_451, "--dataset", gsm6, "--out", out,
                           "--steps", "1000000", "--save-every", "1", "--keep-last", "3", *TINY], cwd=REPO_ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # Ctrl-C's default action, even when pytest runs as a background job (whose shell ignores
+                         # SIGINT for its children, and Python then never raises KeyboardInterrupt)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not os.path.exists(os.path.join(out, ".lock")) and time.time() < deadline and a.poll() is None:
