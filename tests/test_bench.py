@@ -53,9 +53,15 @@ def test_bench_step_section(tmp_path, tiny_llama_dir):
     tokens = M.pad_right([xi + zi + yi for xi, zi, yi in zip(x, z, y)], "cpu")
     z_start = torch.tensor([len(xi) for xi in x])
     y_start = z_start + torch.tensor([len(zi) for zi in z])
-    with torch.no_grad():
-        logp = M.token_logprobs(policy, tokens, z_start, y_start).sum(1)
-        reward = M.token_logprobs(policy, tokens, y_start - 1, y_start + torch.tensor([len(yi) for yi in y])).sum(1)
+    # one thread, as the bench ran (--threads 1): fp32 sums in another order differ by up to 8e-4 on these sums
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            logp = M.token_logprobs(policy, tokens, z_start, y_start).sum(1)
+            reward = M.token_logprobs(policy, tokens, y_start - 1, y_start + torch.tensor([len(yi) for yi in y])).sum(1)
+    finally:
+        torch.set_num_threads(threads)
     for key, ours in (("logp", logp), ("logp_ref", logp), ("reward", reward)):
         torch.testing.assert_close(torch.tensor(r["official"][key]), ours, rtol=0, atol=1e-4, msg=key)
     assert (reward < -1.0).all()  # a real answer span of a random model, not an empty one
